@@ -1,0 +1,22 @@
+"""quantvla-fx: a torch.compile backend for W4A8 (int4 weights, int8 activations) VLA policies.
+
+``torch.compile(policy, backend="quantvla")`` resolves through the ``torch_dynamo_backends``
+entry point; importing this package is not required.
+"""
+import logging
+
+from .config import ConfigError, QuantVLAConfig
+
+logging.getLogger("quantvla_fx").addHandler(logging.NullHandler())
+
+__all__ = ["ConfigError", "QuantVLAConfig", "calibrate"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # DuQuant calibration pulls in more code; load it only when asked for.
+    if name == "calibrate":
+        from .duquant.calibrate import calibrate
+
+        return calibrate
+    raise AttributeError(f"module 'quantvla_fx' has no attribute {name!r}")

@@ -1,0 +1,214 @@
+"""QuantVLAConfig: what to quantize and how, validated when it is created.
+
+Three sources, one dataclass: keyword arguments, the ``options`` dict of ``torch.compile``
+(``to_options`` / ``from_options``), and the seeds' ``OPENPI_BITBLAS_*`` environment variables
+(``from_env``) so existing openpi run scripts keep working.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+log = logging.getLogger("quantvla_fx")
+
+# The seeds' layer selection: the GeGLU MLP linears of the PaliGemma LM and the action expert.
+PI05_MLP_INCLUDE = (
+    r"(.*language_model.*(gate_proj|up_proj|down_proj).*|.*gemma_expert.*(gate_proj|up_proj|down_proj).*)",
+)
+PI05_EXCLUDE = (r"(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower)(?:\.|$)",)
+
+KERNELS = ("auto", "reference", "bitblas", "triton")
+EPILOGUES = ("auto", "fused", "int32")
+
+_ENV_PREFIX = "OPENPI_BITBLAS_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field (or variable)."""
+
+
+def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ConfigError(f"{name} must be a regex string or a sequence of them, got {type(value).__name__}") from None
+    for v in items:
+        if not isinstance(v, str):
+            raise ConfigError(f"{name} must contain regex strings, got {v!r}")
+    return items
+
+
+@dataclass(frozen=True)
+class QuantVLAConfig:
+    """What the ``quantvla`` backend quantizes and how.
+
+    Attributes:
+        include: regexes searched (``re.search``) in the FQN of the module that *calls* each
+            linear; a linear is a candidate if any matches.
+        exclude: regexes that veto a candidate (checked after ``include``).
+        weight_bits / act_bits: 4 and 8 (W4A8) — the only combination the kernels implement.
+        group_size: -1 for one weight scale per output channel, or a positive even group size.
+        kernel: ``auto`` (fastest verified kernel per shape; the reference kernel on CPU),
+            ``reference``, ``bitblas`` or ``triton``.
+        epilogue: ``fused`` (scales applied in the kernel: ``quantvla::w4a8_linear``), ``int32``
+            (``quantvla::w4a8_mm`` + the dequant epilogue as aten ops Inductor fuses with what
+            follows) or ``auto``.
+        packs: DuQuant packs (a ``quantvla_fx.duquant.Packs`` or a path to a pack file/folder);
+            None = round-to-nearest.
+        dump_dir: write graph dumps and the rewrite report here.
+        enable_tuning / opt_m: BitBLAS tuning switches (``OPENPI_BITBLAS_ENABLE_TUNING``/``OPT_M``).
+        debug: log every linear's decision at INFO instead of DEBUG.
+    """
+
+    include: tuple[str, ...] = PI05_MLP_INCLUDE
+    exclude: tuple[str, ...] = PI05_EXCLUDE
+    weight_bits: int = 4
+    act_bits: int = 8
+    group_size: int = -1
+    kernel: str = "auto"
+    epilogue: str = "auto"
+    packs: Any = None
+    dump_dir: Optional[str] = None
+    enable_tuning: bool = False
+    opt_m: tuple[int, ...] = ()
+    debug: bool = False
+    _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
+    _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("include", _as_tuple(self.include, "include"))
+        set_("exclude", _as_tuple(self.exclude, "exclude"))
+        set_("_include_re", tuple(_compile(p, "include") for p in self.include))
+        set_("_exclude_re", tuple(_compile(p, "exclude") for p in self.exclude))
+        if self.weight_bits != 4:
+            raise ConfigError(f"weight_bits={self.weight_bits!r}: only 4-bit weights are implemented")
+        if self.act_bits != 8:
+            raise ConfigError(f"act_bits={self.act_bits!r}: only 8-bit activations are implemented")
+        if not isinstance(self.group_size, int) or not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 2 == 0)):
+            raise ConfigError(f"group_size={self.group_size!r}: use -1 (per output channel) or a positive even integer")
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"kernel={self.kernel!r}: choose one of {KERNELS}")
+        if self.epilogue not in EPILOGUES:
+            raise ConfigError(f"epilogue={self.epilogue!r}: choose one of {EPILOGUES}")
+        set_("opt_m", tuple(int(m) for m in self.opt_m))
+        if any(m <= 0 for m in self.opt_m):
+            raise ConfigError(f"opt_m={self.opt_m!r}: token counts must be positive")
+        if self.dump_dir is not None:
+            set_("dump_dir", os.fspath(self.dump_dir))
+
+    # -- selection -------------------------------------------------------------------------
+    def match(self, fqn: str) -> tuple[bool, str]:
+        """(selected, reason) for the module FQN that calls a linear."""
+        inc = next((p for p, r in zip(self.include, self._include_re) if r.search(fqn)), None)
+        if inc is None:
+            return False, "matches no include rule"
+        exc = next((p for p, r in zip(self.exclude, self._exclude_re) if r.search(fqn)), None)
+        if exc is not None:
+            return False, f"excluded by {exc!r}"
+        return True, f"included by {inc!r}"
+
+    # -- presets ---------------------------------------------------------------------------
+    @classmethod
+    def pi05_mlp(cls, **overrides) -> "QuantVLAConfig":
+        """The seeds' selection: MLP gate/up/down of the PaliGemma LM and the action expert."""
+        return cls(**overrides)
+
+    @classmethod
+    def all_linears(cls, **overrides) -> "QuantVLAConfig":
+        """Every linear whose calling module is not a norm, embedding or vision tower."""
+        return cls(**{"include": (r".*",), **overrides})
+
+    # -- torch.compile options -------------------------------------------------------------
+    def to_options(self) -> dict[str, Any]:
+        """The ``options`` dict for ``torch.compile(..., backend="quantvla", options=...)``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def option_keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+    @classmethod
+    def from_options(cls, options: Optional[Mapping[str, Any]]) -> "QuantVLAConfig":
+        if options is None:
+            return cls()
+        if isinstance(options, QuantVLAConfig):
+            return options
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"options must be a dict, got {type(options).__name__}")
+        unknown = sorted(set(options) - set(cls.option_keys()))
+        if unknown:
+            raise ConfigError(f"unknown quantvla option(s) {unknown}; valid keys: {list(cls.option_keys())}")
+        return cls(**dict(options))
+
+    def replace(self, **changes) -> "QuantVLAConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- environment -----------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides) -> "QuantVLAConfig":
+        """Read the seeds' ``OPENPI_BITBLAS_*`` variables (unset ones keep the defaults).
+
+        INCLUDE, EXCLUDE (regexes), WBITS, GROUP_SIZE, DUQUANT_PACKDIR, ENABLE_TUNING (0/1),
+        OPT_M ("1,16,32"), DEBUG (0/1), and KERNEL / DUMP_DIR (ours).
+        """
+        env = os.environ if environ is None else environ
+        kw: dict[str, Any] = {}
+
+        def get(name):
+            v = env.get(_ENV_PREFIX + name)
+            return None if v is None or v.strip() == "" else v.strip()
+
+        def as_int(name, v):
+            try:
+                return int(v)
+            except ValueError:
+                raise ConfigError(f"{_ENV_PREFIX}{name}={v!r} is not an integer") from None
+
+        def as_bool(name, v):
+            if v.lower() in ("1", "true", "yes", "on"):
+                return True
+            if v.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{_ENV_PREFIX}{name}={v!r} is not a boolean (use 0 or 1)")
+
+        if (v := get("INCLUDE")) is not None:
+            kw["include"] = (v,)
+        if (v := get("EXCLUDE")) is not None:
+            kw["exclude"] = (v,)
+        if (v := get("WBITS")) is not None:
+            kw["weight_bits"] = as_int("WBITS", v)
+        if (v := get("GROUP_SIZE")) is not None:
+            kw["group_size"] = as_int("GROUP_SIZE", v)
+        if (v := get("DUQUANT_PACKDIR")) is not None:
+            kw["packs"] = v
+        if (v := get("ENABLE_TUNING")) is not None:
+            kw["enable_tuning"] = as_bool("ENABLE_TUNING", v)
+        if (v := get("OPT_M")) is not None:
+            kw["opt_m"] = tuple(as_int("OPT_M", p) for p in v.replace(" ", "").split(",") if p)
+        if (v := get("DEBUG")) is not None:
+            kw["debug"] = as_bool("DEBUG", v)
+        if (v := get("KERNEL")) is not None:
+            kw["kernel"] = v
+        if (v := get("DUMP_DIR")) is not None:
+            kw["dump_dir"] = v
+        kw.update(overrides)
+        try:
+            return cls(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"from {_ENV_PREFIX}* environment: {e}") from None
+
+
+def _compile(pattern: str, field_name: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{field_name} regex {pattern!r} is invalid: {e}") from None

@@ -1,0 +1,1 @@
+"""Quantization math shared by passes, ops and kernels (no graph code, no kernels)."""
