@@ -23,6 +23,7 @@ PI05_EXCLUDE = (r"(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower)(?:\.|$)",)
 
 KERNELS = ("auto", "reference", "bitblas", "triton")
 EPILOGUES = ("auto", "fused", "int32")
+LOWERINGS = ("inductor", "eager")
 
 _ENV_PREFIX = "OPENPI_BITBLAS_"
 
@@ -66,6 +67,8 @@ class QuantVLAConfig:
         dump_dir: write graph dumps and the rewrite report here.
         enable_tuning / opt_m: BitBLAS tuning switches (``OPENPI_BITBLAS_ENABLE_TUNING``/``OPT_M``).
         debug: log every linear's decision at INFO instead of DEBUG.
+        lowering: ``inductor`` (default) or ``eager``: run the rewritten FX graph as Python, to
+            tell a rewrite bug from an Inductor bug.
     """
 
     include: tuple[str, ...] = PI05_MLP_INCLUDE
@@ -80,6 +83,7 @@ class QuantVLAConfig:
     enable_tuning: bool = False
     opt_m: tuple[int, ...] = ()
     debug: bool = False
+    lowering: str = "inductor"
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
     _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
 
@@ -99,6 +103,8 @@ class QuantVLAConfig:
             raise ConfigError(f"kernel={self.kernel!r}: choose one of {KERNELS}")
         if self.epilogue not in EPILOGUES:
             raise ConfigError(f"epilogue={self.epilogue!r}: choose one of {EPILOGUES}")
+        if self.lowering not in LOWERINGS:
+            raise ConfigError(f"lowering={self.lowering!r}: choose one of {LOWERINGS}")
         set_("opt_m", tuple(int(m) for m in self.opt_m))
         if any(m <= 0 for m in self.opt_m):
             raise ConfigError(f"opt_m={self.opt_m!r}: token counts must be positive")

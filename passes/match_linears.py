@@ -1,0 +1,87 @@
+"""Pass 1: find every linear call, name it by its calling module, decide whether to quantize it.
+
+Rules match the FQN of the module that *calls* the linear (so a tied ``lm_head`` is judged by its
+own name, not by ``embed_tokens``).  Every linear gets a report record with the rule that selected
+it or the reason it was skipped.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+
+from quantvla_fx.graph_utils import LINEAR_TARGETS, call_site_fqn, linear_args, param_fqn, placeholder_real_tensor
+from quantvla_fx.kernels.registry import kernel_unavailable_reason, get_kernel
+from quantvla_fx.report import LinearRecord
+from quantvla_fx.rewrite_context import LinearSite, RewriteContext
+
+log = logging.getLogger("quantvla_fx")
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def match_linears(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
+    cfg = ctx.config
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+            continue
+        x, w, b = linear_args(node)
+        wv = w.meta.get("example_value") if isinstance(w, fx.Node) else None
+        xv = x.meta.get("example_value") if isinstance(x, fx.Node) else None
+        pos = ctx.input_position(w) if isinstance(w, fx.Node) else None
+        pfqn = param_fqn(w) if pos is not None else None
+        fqn = call_site_fqn(node) or (pfqn.rsplit(".", 1)[0] if pfqn else node.name)
+        n_out, k_in = (tuple(wv.shape) + (0, 0))[:2] if isinstance(wv, torch.Tensor) else (0, 0)
+        rec = LinearRecord(
+            graph=ctx.graph_id, node=node.name, fqn=fqn, param_fqn=pfqn,
+            out_features=int(n_out), in_features=int(k_in),
+            dtype=str(getattr(wv, "dtype", "?")).replace("torch.", ""),
+            device=str(getattr(wv, "device", "?")),
+        )
+        ctx.report.linears.append(rec)
+        selected, rec.reason = cfg.match(fqn)
+        if not selected:
+            continue
+        real = placeholder_real_tensor(w, ctx.example_inputs, pos) if pos is not None else None
+        why_not = _why_not_quantizable(real, wv, xv, k_in, n_out, cfg)
+        if why_not:
+            rec.reason = f"skipped: {why_not}"
+            log.warning("quantvla: %s (%s) not quantized: %s", fqn, node.name, why_not)
+            continue
+        rec.quantized = True
+        ctx.sites.append(LinearSite(node, rec, x, pos, real, b))
+
+    for rec in ctx.report.linears:
+        level = logging.INFO if cfg.debug else logging.DEBUG
+        log.log(level, "quantvla: graph %d %s %s: %s", ctx.graph_id, rec.fqn, "quantize" if rec.quantized else "keep", rec.reason)
+    if ctx.report.linears and not any(r.reason.startswith("included") or r.quantized for r in ctx.report.linears):
+        msg = (f"include rules {list(cfg.include)} matched none of the {len(ctx.report.linears)} linears "
+               f"in graph {ctx.graph_id} (calling modules such as {ctx.report.linears[0].fqn!r})")
+        log.warning("quantvla: %s", msg)
+        ctx.report.notes.append(msg)
+    return gm
+
+
+def _why_not_quantizable(real, wv, xv, k, n, cfg) -> str:
+    if real is None or not isinstance(wv, torch.Tensor):
+        return "the weight is computed inside the graph, not a parameter or input tensor"
+    if wv.dim() != 2:
+        return f"weight has shape {tuple(wv.shape)}, expected 2-D [N, K]"
+    if wv.dtype not in SUPPORTED_DTYPES:
+        return f"weight dtype {wv.dtype} is not supported by the W4A8 kernels (float32, bfloat16, float16)"
+    if isinstance(xv, torch.Tensor) and xv.dtype not in SUPPORTED_DTYPES:
+        return f"activation dtype {xv.dtype} is not supported by the W4A8 kernels (float32, bfloat16, float16)"
+    if isinstance(xv, torch.Tensor) and xv.device != wv.device:
+        return f"activation on {xv.device} but weight on {wv.device}"
+    if k % 2:
+        return f"in_features K={k} is odd: int4 packing stores two values per byte"
+    if cfg.group_size > 0 and k % cfg.group_size:
+        return f"in_features K={k} is not a multiple of group_size={cfg.group_size}"
+    if cfg.kernel != "auto":
+        reason = kernel_unavailable_reason(cfg.kernel, wv.device)
+        if reason is None:
+            reason = get_kernel(cfg.kernel).unsupported_reason(n, k, cfg.group_size, wv.device)
+        if reason:
+            return f"kernel {cfg.kernel!r} cannot take it: {reason}"
+    return ""

@@ -1,0 +1,79 @@
+"""Pass 4: declare each quantized linear's packed int4 weight and scales as new graph inputs.
+
+No tensor is baked into the graph: the recipe (transform, group size, clip) is registered as a
+derived input and recomputed from the live weight whenever it changes (see derived_inputs.py).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+from torchao.quantization.utils import compute_error
+
+from quantvla_fx.quant.int4_pack import unpack_int4
+from quantvla_fx.quant.weights import dequantize_weight, pack_weight
+from quantvla_fx.rewrite_context import RewriteContext
+
+
+def _safe(fqn: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", fqn)
+
+
+def rotate_row_blocks(w: torch.Tensor, out_rot: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal output rotation of a weight: rows of block b become R_b @ W[rows_b]."""
+    nb, bo, _ = out_rot.shape
+    return torch.matmul(out_rot.to(w), w.reshape(nb, bo, -1)).reshape(w.shape)
+
+
+class WeightRecipe:
+    """Pure function live weight -> (packed int4, scales); its key identifies it in the cache."""
+
+    def __init__(self, group_size: int, clip: float, transform=None, out_rot=None):
+        self.group_size, self.clip, self.transform, self.out_rot = group_size, clip, transform, out_rot
+        self.key = ("w4a8-int4", group_size, float(clip),
+                    transform.fingerprint() if transform is not None else None,
+                    _fingerprint(out_rot))
+
+    def transformed(self, w: torch.Tensor) -> torch.Tensor:
+        wf = w.detach().to(torch.float32)
+        if self.transform is not None:
+            wf = self.transform.transform_weight(wf)
+        if self.out_rot is not None:
+            wf = rotate_row_blocks(wf, self.out_rot)
+        return wf
+
+    def __call__(self, w: torch.Tensor):
+        pw = pack_weight(self.transformed(w), self.group_size, self.clip)
+        return pw.packed, pw.scale
+
+
+def _fingerprint(t):
+    if t is None:
+        return None
+    import hashlib
+
+    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def quantize_weights(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
+    gs = ctx.config.group_size
+    for site in ctx.kept:
+        pack = site.pack
+        recipe = WeightRecipe(
+            gs,
+            getattr(pack, "weight_clip", 1.0) if pack is not None else 1.0,
+            site.group.transform if site.group is not None else None,
+            getattr(pack, "out_rot", None) if pack is not None else None,
+        )
+        name = _safe(site.record.fqn)
+        site.w_packed, site.w_scale = ctx.add_derived(
+            (f"qv_{name}_w4", f"qv_{name}_wscale"), (site.weight_pos,), recipe, recipe.key
+        )
+        packed = site.w_packed.meta["example_value"]
+        # Report how much the int4 rounding alone loses on this weight (transformed basis).
+        real_packed, real_scale = ctx.derived_values[-2], ctx.derived_values[-1]
+        deq = dequantize_weight(unpack_int4(real_packed), real_scale)
+        site.record.sqnr_db = round(float(compute_error(recipe.transformed(site.weight), deq)), 2)
+        assert packed.shape[1] * 2 == site.record.in_features
+    return gm

@@ -1,0 +1,92 @@
+"""Pass 5: replace each selected linear with activation quantization + a quantvla custom op.
+
+Per group: [online transform] -> per-token int8 quantization, both as plain aten ops inserted
+before the group's first linear so Inductor fuses them into the producer's kernel; then per
+linear either ``quantvla::w4a8_linear`` (scales applied in the kernel) or ``quantvla::w4a8_mm`` +
+an aten dequant epilogue that Inductor fuses with what follows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+import quantvla_fx.ops  # noqa: F401  (registers torch.ops.quantvla.*)
+from quantvla_fx.graph_utils import propagate_fake, trace_into
+from quantvla_fx.kernels.registry import resolve_kernel
+from quantvla_fx.quant.activations import quantize_per_token
+from quantvla_fx.rewrite_context import LinearSite, RewriteContext
+
+
+def int32_epilogue(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel):
+    acc = torch.ops.quantvla.w4a8_mm.default(x_q, w_packed, kernel)
+    out = acc.to(torch.float32) * x_scale * w_scale
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(out_dtype)
+
+
+def fused_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel):
+    return torch.ops.quantvla.w4a8_linear.default(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel)
+
+
+def restore_rows(y, out_rot, bias):
+    """Undo a block-diagonal output rotation (QuantVLA's "restore" mode), then add the bias."""
+    nb, bo = out_rot.shape[0], out_rot.shape[1]
+    y = torch.matmul(y.unflatten(-1, (nb, bo)).to(out_rot.dtype), out_rot).flatten(-2).to(y.dtype)
+    return y if bias is None else y + bias
+
+
+def choose_epilogue(ctx: RewriteContext, site: LinearSite) -> str:
+    if ctx.config.group_size > 0:
+        return "fused"  # per-group scales cannot be applied to a single int32 accumulator
+    if ctx.config.epilogue != "auto":
+        return ctx.config.epilogue
+    return "fused"
+
+
+def _token_hint(node: fx.Node) -> int:
+    v = node.meta.get("example_value")
+    m = 1
+    for d in v.shape[:-1]:
+        m *= d.node.hint if isinstance(d, torch.SymInt) and d.node.hint is not None else (d if isinstance(d, int) else 1)
+    return int(m)
+
+
+def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    kernel = ctx.config.kernel
+    replaced: dict[fx.Node, fx.Node] = {}  # a group may read the output of an already replaced linear
+    for group in ctx.groups:
+        first = min(group.members, key=lambda s: order[s.node])
+        stack = first.node.meta.get("nn_module_stack")
+        before = set(graph.nodes)
+        with graph.inserting_before(first.node):
+            x = group.input_node = replaced.get(group.input_node, group.input_node)
+            if group.online is not None:
+                x = trace_into(graph, group.online, x)
+            x_q, x_scale = trace_into(graph, quantize_per_token, x)
+        propagate_fake(gm, ctx.fake_mode)
+        for site in group.members:
+            out_dtype = site.node.meta["example_value"].dtype
+            epilogue = choose_epilogue(ctx, site)
+            out_rot = getattr(site.pack, "out_rot_node", None)
+            bias = None if out_rot is not None else site.bias
+            fn = fused_linear if epilogue == "fused" else int32_epilogue
+            with graph.inserting_before(site.node):
+                y = trace_into(graph, fn, x_q, x_scale, site.w_packed, site.w_scale, bias, out_dtype, kernel)
+                if out_rot is not None:
+                    y = trace_into(graph, restore_rows, y, out_rot, site.bias)
+            propagate_fake(gm, ctx.fake_mode)
+            site.record.op = "quantvla::w4a8_linear" if epilogue == "fused" else "quantvla::w4a8_mm + aten epilogue"
+            wv = site.weight
+            site.record.kernel = resolve_kernel(
+                kernel, wv.device, wv.shape[0], wv.shape[1], _token_hint(x), ctx.config.group_size
+            ).name
+            site.node.replace_all_uses_with(y)
+            graph.erase_node(site.node)
+            replaced[site.node] = y
+        for n in graph.nodes:
+            if n not in before and stack is not None:
+                n.meta.setdefault("nn_module_stack", stack)
+    return gm

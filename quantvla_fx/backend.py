@@ -1,0 +1,118 @@
+"""The ``quantvla`` torch.compile backend: runs the rewrite passes in order, then Inductor.
+
+Registered only through the ``torch_dynamo_backends`` entry point in pyproject.toml (a second
+registration at import time would fail as a duplicate name).  It owns nothing but the order of
+the passes, the dumps, and the wrapper that feeds weight-derived inputs on every call.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch._inductor.compile_fx import compile_fx
+
+from quantvla_fx.passes.fold_duquant import fold_duquant
+from quantvla_fx.passes.group_inputs import group_inputs
+from quantvla_fx.passes.match_linears import match_linears
+from quantvla_fx.passes.quantize_weights import quantize_weights
+from quantvla_fx.passes.substitute_ops import substitute_ops
+
+from .config import QuantVLAConfig
+from .derived_inputs import DerivedInputProvider
+from .dump import GraphDumper
+from .graph_utils import clone_graph_module, fake_mode_of, finish
+from .kernels.registry import kernel_unavailable_reason
+from .report import ReportBook
+
+log = logging.getLogger("quantvla_fx")
+
+PASSES = (match_linears, group_inputs, fold_duquant, quantize_weights, substitute_ops)
+
+_graph_ids = itertools.count()
+_books: dict[Optional[str], ReportBook] = {}
+
+
+def report_book(dump_dir: Optional[str]) -> ReportBook:
+    """All graphs compiled in this process for one dump_dir (None: kept in memory only)."""
+    if dump_dir not in _books:
+        _books[dump_dir] = ReportBook(dump_dir)
+    return _books[dump_dir]
+
+
+def _inductor_patches(mode: Optional[str]) -> dict:
+    if mode is None or mode == "default":
+        return {}
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def _check_kernel_available(config: QuantVLAConfig, example_inputs) -> None:
+    """A kernel the user forced must be able to run here: say so now, not at the first call."""
+    if config.kernel == "auto":
+        return
+    devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor)} or {torch.device("cpu")}
+    for dev in devices:
+        reason = kernel_unavailable_reason(config.kernel, dev)
+        if reason:
+            raise RuntimeError(f"quantvla: kernel={config.kernel!r} was requested but cannot run on {dev}: {reason}. "
+                               "Use kernel='auto' to fall back to a kernel that can.")
+
+
+def rewrite(gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig):
+    """Run the passes on a clone of Dynamo's graph; returns (rewritten gm, context)."""
+    from .rewrite_context import RewriteContext
+
+    graph_id = next(_graph_ids)
+    new_gm = clone_graph_module(gm)
+    ctx = RewriteContext(new_gm, example_inputs, config, graph_id, fake_mode_of(gm), packs=_load_packs(config.packs))
+    dumper = GraphDumper(config.dump_dir, graph_id)
+    dumper.dump("dynamo", new_gm)
+    for p in PASSES:
+        new_gm = p(new_gm, ctx)
+        ctx.report.passes.append(p.__name__)
+        dumper.dump(p.__name__, new_gm)
+    finish(new_gm)
+    dumper.node_table(new_gm)
+    report_book(config.dump_dir).add(ctx.report)
+    log.info("quantvla: %s%s", ctx.report.summary(), f" (report: {config.dump_dir}/report.md)" if config.dump_dir else "")
+    return new_gm, ctx
+
+
+def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None, mode: Optional[str] = None):
+    config = QuantVLAConfig.from_options(options)
+    _check_kernel_available(config, example_inputs)
+    new_gm, ctx = rewrite(gm, example_inputs, config)
+    patches = _inductor_patches(mode)
+    if config.lowering == "eager":
+        compiled = new_gm.forward
+    elif not ctx.derived:
+        return compile_fx(new_gm, list(example_inputs), config_patches=patches)
+    else:
+        compiled = compile_fx(new_gm, list(example_inputs) + ctx.derived_values, config_patches=patches)
+    provider = DerivedInputProvider(ctx.derived)
+
+    def run(*args):
+        return compiled(*args, *provider(args))
+
+    run.quantvla_report = ctx.report  # for tests and debugging
+    run.quantvla_provider = provider
+    return run
+
+
+_pack_cache: dict[str, Any] = {}
+
+
+def _load_packs(packs):
+    """Packs given as a path are loaded once per path; objects are used as they are."""
+    if packs is None or not isinstance(packs, (str, bytes)) and not hasattr(packs, "__fspath__"):
+        return packs
+    import os
+
+    from .duquant.packs import load_packs
+
+    path = os.fspath(packs)
+    if path not in _pack_cache:
+        _pack_cache[path] = load_packs(path)
+    return _pack_cache[path]

@@ -1,0 +1,94 @@
+"""The rewrite report: one record per linear the backend saw, and why it was or wasn't quantized.
+
+Written as report.json (machine-readable) and report.md (for a person) into ``dump_dir``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+
+@dataclass
+class LinearRecord:
+    graph: int
+    node: str
+    fqn: str  # the calling module: what include/exclude rules see
+    param_fqn: Optional[str]  # the weight's own path (differs for tied weights)
+    out_features: int
+    in_features: int
+    dtype: str
+    device: str
+    quantized: bool = False
+    reason: str = ""  # rule that selected it, or why it was skipped
+    group: Optional[str] = None
+    op: Optional[str] = None
+    kernel: Optional[str] = None
+    duquant: list[str] = field(default_factory=list)  # what was folded into what / runs online
+    sqnr_db: Optional[float] = None  # weight round-trip SQNR of the packed int4 weight
+
+
+@dataclass
+class GraphReport:
+    graph: int
+    linears: list[LinearRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LinearRecord]:
+        return [r for r in self.linears if r.quantized]
+
+    def summary(self) -> str:
+        return f"graph {self.graph}: {len(self.quantized)} of {len(self.linears)} linears quantized"
+
+    def to_dict(self) -> dict:
+        return {"graph": self.graph, "summary": self.summary(), "passes": self.passes,
+                "notes": self.notes, "linears": [asdict(r) for r in self.linears]}
+
+    def to_markdown(self) -> str:
+        lines = [f"## Graph {self.graph}", "", self.summary() + ".", ""]
+        if self.passes:
+            lines += ["Passes: " + " → ".join(self.passes), ""]
+        for note in self.notes:
+            lines.append(f"- {note}")
+        if self.notes:
+            lines.append("")
+        lines += ["| linear (calling module) | N×K | dtype | quantized | reason | group | op / kernel | weight SQNR dB | DuQuant |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in self.linears:
+            alias = f" (weight `{r.param_fqn}`)" if r.param_fqn and not r.param_fqn.startswith(r.fqn + ".") else ""
+            opk = f"{r.op} / {r.kernel}" if r.op else ""
+            lines.append(
+                f"| `{r.fqn}`{alias} | {r.out_features}×{r.in_features} | {r.dtype} | "
+                f"{'yes' if r.quantized else 'no'} | {r.reason} | {r.group or ''} | {opk} | "
+                f"{'' if r.sqnr_db is None else r.sqnr_db} | {'; '.join(r.duquant)} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+class ReportBook:
+    """All graphs compiled into one dump_dir in this process; rewritten after each graph."""
+
+    def __init__(self, dump_dir: Optional[str]):
+        self.dump_dir = dump_dir
+        self.graphs: list[GraphReport] = []
+
+    def add(self, report: GraphReport) -> None:
+        self.graphs.append(report)
+        if self.dump_dir:
+            self.write()
+
+    def write(self) -> None:
+        os.makedirs(self.dump_dir, exist_ok=True)
+        total = sum(len(g.linears) for g in self.graphs)
+        quant = sum(len(g.quantized) for g in self.graphs)
+        with open(os.path.join(self.dump_dir, "report.json"), "w") as f:
+            json.dump({"quantized": quant, "linears": total, "graphs": [g.to_dict() for g in self.graphs]}, f, indent=1)
+        md = ["# quantvla rewrite report", "",
+              f"{quant} of {total} linears quantized across {len(self.graphs)} graph(s). "
+              "Each graph's dumps are in `graph_NNN/` (one file per pass, before → after).", ""]
+        md += [g.to_markdown() for g in self.graphs]
+        with open(os.path.join(self.dump_dir, "report.md"), "w") as f:
+            f.write("\n".join(md))
