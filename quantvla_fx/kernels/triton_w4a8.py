@@ -1,0 +1,119 @@
+"""``triton`` kernel: our own W4A8 GEMM (int8 tensor-core dot, int4 weights decoded in registers).
+
+The kernel is in triton_w4a8_kernel.py, its launch in triton_w4a8_launch.py, the choice of tile
+configuration (tuned once per GPU, N, K and M bucket, cached on disk) in triton_w4a8_configs.py
+and triton_w4a8_tune.py.  This module imports without a GPU; without triton the kernel registers
+anyway and says why it cannot run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Optional
+
+import torch
+
+from .registry import m_bucket, register_kernel
+
+log = logging.getLogger("quantvla_fx")
+
+try:
+    import triton  # noqa: F401
+
+    from .triton_w4a8_configs import ConfigCache, candidates, heuristic
+    from .triton_w4a8_launch import INTERPRET, TileConfig, launch
+
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # triton missing (or too old to provide the APIs used)
+    _IMPORT_ERROR = f"triton is not installed or unusable ({e})"
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("QUANTVLA_TRITON_AUTOTUNE", "1") != "0"
+
+
+class TritonW4A8Kernel:
+    name = "triton"
+
+    def __init__(self) -> None:
+        self._configs: dict[tuple, "TileConfig"] = {}
+        self._caches: dict[int, "ConfigCache"] = {}
+        self._lock = threading.Lock()
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if _IMPORT_ERROR:
+            return _IMPORT_ERROR
+        device = torch.device(device)
+        if device.type != "cuda":
+            return f"the triton W4A8 kernel needs a CUDA device, got {device.type}"
+        if not torch.cuda.is_available():
+            return "the triton W4A8 kernel needs a CUDA device, and torch.cuda is not available"
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 0):
+            return f"the triton W4A8 kernel needs int8 tensor cores (compute capability 8.0+), this GPU is {cap[0]}.{cap[1]}"
+        return None
+
+    def unsupported_reason(self, n: int, k: int, group_size: int, device: torch.device) -> Optional[str]:
+        if k % 2:
+            return f"K={k} is odd; packed int4 weights need an even K"
+        if group_size not in (-1, k):
+            return f"per-group weight scales (group_size={group_size}) are not supported by the triton kernel; only per-channel"
+        return None
+
+    # -- configuration choice ------------------------------------------------------------------
+
+    def _cache_for(self, device: torch.device) -> "ConfigCache":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in self._caches:
+            self._caches[idx] = ConfigCache(torch.cuda.get_device_name(idx))
+        return self._caches[idx]
+
+    def config_for(self, n: int, k: int, m: int, device: torch.device) -> "TileConfig":
+        """The tile configuration used for this GEMM: cached, tuned now, or the heuristic."""
+        b = m_bucket(m)
+        if INTERPRET or device.type != "cuda":
+            return heuristic(n, k, m)
+        key = (device.index, n, k, b)
+        cfg = self._configs.get(key)
+        if cfg is not None:
+            return cfg
+        with self._lock:
+            cfg = self._configs.get(key)
+            if cfg is not None:
+                return cfg
+            cache = self._cache_for(device)
+            cfg = cache.get(n, k, b)
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            if cfg is None and torch.cuda.is_current_stream_capturing():
+                # Timing is impossible inside graph capture: use the heuristic, cache nothing.
+                log.warning("triton W4A8: no tuned config for N=%d K=%d M<=%d during CUDA-graph capture; using a heuristic one", n, k, b)
+                return heuristic(n, k, m, sms)
+            if cfg is None and _autotune_enabled():
+                from .triton_w4a8_tune import best_config
+
+                log.info("triton W4A8: tuning N=%d K=%d M<=%d on %s", n, k, b, cache.gpu_name)
+                cfg, us = best_config(n, k, b, candidates(n, k, b, sms), device)
+                if cfg is not None:
+                    cache.put(n, k, b, cfg, us)
+                    log.info("triton W4A8: N=%d K=%d M<=%d -> %s (%.1f us)", n, k, b, cfg.key(), us)
+            if cfg is None:
+                cfg = heuristic(n, k, m, sms)
+            self._configs[key] = cfg
+            return cfg
+
+    # -- the kernel protocol -------------------------------------------------------------------
+
+    def mm(self, x_q: torch.Tensor, w_packed: torch.Tensor) -> torch.Tensor:
+        cfg = self.config_for(w_packed.shape[0], x_q.shape[1], x_q.shape[0], x_q.device)
+        return launch(x_q, w_packed.view(torch.int8), cfg)
+
+    def linear(self, x_q, x_scale, w_packed, w_scale, bias, out_dtype) -> torch.Tensor:
+        n, k = w_packed.shape[0], x_q.shape[1]
+        if w_scale.dim() == 2 and w_scale.shape[1] != 1:
+            raise ValueError(self.unsupported_reason(n, k, k // w_scale.shape[1], x_q.device))
+        cfg = self.config_for(n, k, x_q.shape[0], x_q.device)
+        return launch(x_q, w_packed.view(torch.int8), cfg, x_scale, w_scale, bias, out_dtype)
+
+
+register_kernel(TritonW4A8Kernel())

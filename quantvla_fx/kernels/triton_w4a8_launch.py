@@ -1,0 +1,106 @@
+"""Launching the Triton W4A8 kernel with one tile configuration (no tuning here).
+
+Everything in the launch path is torch allocation plus one (or, for split-K, a zero-fill and one)
+kernel launch: no host syncs, so it is CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from .triton_w4a8_kernel import w4a8_kernel
+
+# triton.jit reads TRITON_INTERPRET when the kernel is decorated: inline PTX cannot run there.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch configuration: BLOCK_N weight rows (the MMA's M side), BLOCK_M tokens."""
+
+    block_n: int
+    block_m: int
+    block_kh: int  # packed bytes along K per step (= BLOCK_K / 2)
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    interleave: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "TileConfig":
+        return TileConfig(**{k: d[k] for k in TileConfig.__dataclass_fields__ if k in d})
+
+    def key(self) -> str:
+        return (
+            f"n{self.block_n}_m{self.block_m}_kh{self.block_kh}_s{self.split_k}"
+            f"_w{self.num_warps}_st{self.num_stages}{'_il' if self.interleave else ''}"
+        )
+
+
+def _prepare_x(x_q: torch.Tensor) -> torch.Tensor:
+    """Rows with unit stride along K; even row stride and address, since x may be read as int16."""
+    if x_q.stride(-1) != 1 or (x_q.shape[0] > 1 and x_q.stride(0) % 2):
+        x_q = x_q.contiguous()
+    if x_q.data_ptr() % 2:
+        x_q = x_q.clone()
+    return x_q
+
+
+def launch(
+    x_q: torch.Tensor,
+    w_packed: torch.Tensor,
+    cfg: TileConfig,
+    x_scale: Optional[torch.Tensor] = None,
+    w_scale: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """int32 x_q·unpack(w)ᵀ when x_scale is None, else the scaled (+bias) product in out_dtype."""
+    m, k = x_q.shape
+    n, kh = w_packed.shape
+    scaled = x_scale is not None
+    dev = x_q.device
+    if m == 0:
+        return torch.empty(0, n, dtype=out_dtype if scaled else torch.int32, device=dev)
+    x = _prepare_x(x_q)
+    w = w_packed if w_packed.stride(-1) == 1 else w_packed.contiguous()
+    split = max(1, min(cfg.split_k, triton.cdiv(kh, cfg.block_kh)))
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    if scaled:
+        out = torch.empty(m, n, dtype=out_dtype, device=dev)
+        xs = x_scale.reshape(-1).to(torch.float32).contiguous()
+        wsc = w_scale.reshape(-1).to(torch.float32).contiguous()
+        b = bias.contiguous() if bias is not None else wsc
+        if split > 1:
+            # One zero-fill holds the int32 partial sums and the per-tile arrival counters.
+            buf = torch.zeros(m * n + tiles, dtype=torch.int32, device=dev)
+            ws, cnt = buf[: m * n], buf[m * n :]
+        else:
+            ws = cnt = out
+    else:
+        out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.int32, device=dev)
+        xs = wsc = b = ws = cnt = out
+    w4a8_kernel[(tiles, split)](
+        x, w, out, ws, cnt, xs, wsc, b,
+        m, n, kh,
+        x.stride(0), w.stride(0), out.stride(0),
+        BLOCK_N=cfg.block_n,
+        BLOCK_M=cfg.block_m,
+        BLOCK_KH=cfg.block_kh,
+        SPLIT=split > 1,
+        EVEN_K=kh % (split * cfg.block_kh) == 0,
+        SCALED=scaled,
+        HAS_BIAS=bias is not None,
+        INTERLEAVE=cfg.interleave,
+        FAST_UNPACK=not INTERPRET,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
