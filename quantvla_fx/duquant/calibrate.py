@@ -1,0 +1,144 @@
+"""calibrate(model, batches, config) -> Packs: DuQuant's offline search, one transform per input group.
+
+Per group (linears that read the same input tensor, e.g. gate/up or q/k/v):
+  1. smoothing s from the per-channel activation max and the group's weight column max (smooth.py);
+  2. rot1: greedy block rotation on the sampled, smoothed activation rows (rotation.py);
+  3. perm: zigzag over the per-channel max after rot1 (permutation.py);
+  4. rot2: greedy block rotation on the permuted rows, with a fresh random base.
+Layers whose K is not a multiple of ``block_size`` get smoothing only (logged).  Everything is
+deterministic given ``seed``: each group draws from its own generator seeded by (seed, group name),
+so adding or removing other layers does not change a group's transform.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .collect import InputCollector, stable_seed
+from .packs import FORMAT_VERSION, LayerPack, Packs
+from .permutation import zigzag_permutation
+from .rotation import greedy_rotation
+from .smooth import DEFAULT_ALPHA, smooth_scales, weight_column_max
+from .transform import DuQuantTransform, block_rotate
+
+log = logging.getLogger("quantvla_fx")
+
+
+def group_name(fqns: list[str]) -> str:
+    """``a.b.{gate_proj,up_proj}`` for several FQNs (the name passes/group_inputs.py gives the
+    same group), the FQN itself for one."""
+    if len(fqns) == 1:
+        return fqns[0]
+    parts = [f.split(".") for f in fqns]
+    prefix = os.path.commonprefix(parts)
+    tails = [".".join(p[len(prefix):]) for p in parts]
+    return ".".join(prefix + ["{" + ",".join(tails) + "}"])
+
+
+def _run_batch(model: nn.Module, batch: Any, run: Optional[Callable]) -> None:
+    if run is not None:
+        run(model, batch)
+    elif isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _peak(x: Tensor) -> float:
+    return float(x.amax() - x.amin()) if x.numel() else 0.0
+
+
+def group_transform(name: str, weights: list[Tensor], act_max: Tensor, rows: Tensor, *, alpha: float,
+                    block_size: int, max_rotation_step: int, seed: int, exchange: str = "column",
+                    device: Optional[torch.device] = None) -> DuQuantTransform:
+    """The DuQuant transform of one input group from its statistics."""
+    k = act_max.shape[0]
+    smooth = smooth_scales(act_max, weight_column_max(weights), alpha)
+    if k % block_size:
+        log.info("DuQuant %s: K=%d is not a multiple of block_size=%d; smoothing only", name, k, block_size)
+        return DuQuantTransform(in_features=k, block_size=block_size, smooth=smooth)
+    gen = torch.Generator().manual_seed(stable_seed(seed, name))
+    x = rows.to(device=device, dtype=torch.float32) / smooth.to(device)
+    info1, info2 = {}, {}
+    rot1 = greedy_rotation(x, block_size, max_rotation_step, gen, exchange, info1).to(torch.float32).unsqueeze(0)
+    x1 = block_rotate(x, rot1.to(x.device))
+    perm = zigzag_permutation(x1.abs().amax(dim=0), block_size)
+    x2 = x1.index_select(-1, perm.to(x1.device))
+    rot2 = greedy_rotation(x2, block_size, max_rotation_step, gen, exchange, info2).to(torch.float32).unsqueeze(0)
+    x3 = block_rotate(x2, rot2.to(x2.device))
+    log.info("DuQuant %s: K=%d, %d rows; peak raw %.4g -> smoothed %.4g -> rot1 %.4g (%d steps) -> rot2 %.4g (%d steps)",
+             name, k, rows.shape[0], _peak(rows), _peak(x), _peak(x1), info1["steps"], _peak(x3), info2["steps"])
+    return DuQuantTransform(in_features=k, block_size=block_size, smooth=smooth, rot1=rot1, perm=perm, rot2=rot2)
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], config, *, alpha: float = DEFAULT_ALPHA,
+              block_size: int = 128, max_rotation_step: int = 256, weight_clip: float = 1.0, seed: int = 0,
+              rotation_rows: int = 512, exchange: str = "column", run: Optional[Callable] = None,
+              progress: bool = True, device: Optional[torch.device] = None) -> Packs:
+    """Run ``batches`` through ``model`` and compute DuQuant packs for the linears ``config`` selects.
+
+    batches: iterable of positional-args tuples/lists, kwargs dicts or single tensors passed to
+        ``model(...)``; with ``run``, each batch is handed to ``run(model, batch)`` instead (e.g.
+        ``lambda m, b: m.sample_actions(*b)``).
+    alpha: smoothing migration strength (0.6 = DuQuant run.sh).  block_size: rotation block B.
+    max_rotation_step: greedy steps per rotation (256 = DuQuant's scripts).  weight_clip: RTN clip
+        ratio stored in every LayerPack (DuQuant's swc is 0.8).  rotation_rows: reservoir size of
+        token rows per group for the rotation search.  exchange: "column" (default) or "row"
+        (DuQuant's code; see rotation.py).  device: where the rotation search runs (default: the
+        device of the group's first weight).
+    The model is run under ``torch.no_grad()``; its train/eval mode is left as it is.  Hooks are
+    removed on every exit path.
+    """
+    if not 0.0 < weight_clip <= 1.0:
+        raise ValueError(f"weight_clip must be in (0, 1], got {weight_clip}")
+    linears: dict[str, nn.Linear] = {}
+    for fqn, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            ok, why = config.match(fqn)
+            log.log(logging.INFO if getattr(config, "debug", False) else logging.DEBUG,
+                    "DuQuant calibrate: %s %s (%s)", fqn, "selected" if ok else "skipped", why)
+            if ok:
+                linears[fqn] = mod
+    if not linears:
+        raise ValueError("calibrate: the config selects no nn.Linear of this model")
+    if model.training:
+        log.warning("calibrate: the model is in training mode (dropout etc. will affect the statistics)")
+
+    collector = InputCollector(linears, max_rows=rotation_rows, seed=seed)
+    n_batches = 0
+    with collector, torch.no_grad():
+        for batch in tqdm(batches, desc="DuQuant calibration", unit="batch", disable=not progress):
+            _run_batch(model, batch, run)
+            collector.end_batch()
+            n_batches += 1
+    if n_batches == 0:
+        raise ValueError("calibrate: no calibration batches")
+
+    layers = []
+    for members in collector.groups():
+        name = group_name(members)
+        act_max, rows, _ = collector.group_stats(members)
+        weights = [linears[f].weight for f in members]
+        t = group_transform(name, weights, act_max, rows, alpha=alpha, block_size=block_size,
+                            max_rotation_step=max_rotation_step, seed=seed, exchange=exchange,
+                            device=device if device is not None else weights[0].device)
+        layers += [LayerPack(fqn=f, transform=t, group=name, weight_clip=weight_clip) for f in members]
+    missed = [f for f in linears if f not in {lp.fqn for lp in layers}]
+    if missed:
+        log.warning("calibrate: %d selected linear(s) never ran during calibration and get no pack: %s",
+                    len(missed), missed[:8])
+    meta = {"format_version": FORMAT_VERSION, "source": "quantvla_fx.calibrate", "bits": "w4a8",
+            "alpha": alpha, "block_size": block_size, "max_rotation_step": max_rotation_step,
+            "weight_clip": weight_clip, "seed": seed, "rotation_rows": rotation_rows, "exchange": exchange,
+            "batches": n_batches}
+    packs = Packs(layers, meta=meta)
+    packs.validate()
+    log.info("DuQuant calibrate: %d linears in %d groups from %d batches", len(layers), len(packs.groups), n_batches)
+    return packs
