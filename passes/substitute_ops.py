@@ -17,15 +17,20 @@ from quantvla_fx.quant.activations import quantize_per_token
 from quantvla_fx.rewrite_context import LinearSite, RewriteContext
 
 
+# Quantized linears are inference-only: nothing differentiable may reach the custom ops (they have
+# no autograd formula), so a bias that requires grad is detached.
+
+
 def int32_epilogue(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel):
     acc = torch.ops.quantvla.w4a8_mm.default(x_q, w_packed, kernel)
     out = acc.to(torch.float32) * x_scale * w_scale
     if bias is not None:
-        out = out + bias.to(torch.float32)
+        out = out + bias.detach().to(torch.float32)
     return out.to(out_dtype)
 
 
 def fused_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel):
+    bias = bias.detach() if bias is not None else None
     return torch.ops.quantvla.w4a8_linear.default(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel)
 
 
