@@ -202,8 +202,8 @@ class Packs(Mapping[str, LayerPack]):
         metadata = {
             "format": FORMAT, "format_version": str(FORMAT_VERSION),
             "meta": json.dumps(self.meta, sort_keys=True, default=str),
-            "groups": json.dumps(groups_meta, sort_keys=True),
-            "layers": json.dumps(layers_meta, sort_keys=True),
+            "groups": json.dumps(groups_meta),  # insertion order = model order, kept on load
+            "layers": json.dumps(layers_meta),
         }
         save_file(tensors, path, metadata=metadata)
         return path
@@ -247,6 +247,9 @@ class Packs(Mapping[str, LayerPack]):
             if not isinstance(parsed[key], dict):
                 fail(key, f"expected a JSON object, got {type(parsed[key]).__name__}")
         groups_meta, layers_meta = parsed["groups"], parsed["layers"]
+        for fqn, lm in layers_meta.items():
+            if not isinstance(lm, dict) or lm.get("group") not in groups_meta:
+                fail("group", f"refers to unknown group {lm.get('group') if isinstance(lm, dict) else lm!r}", fqn)
 
         group_tensors: dict[str, dict[str, Tensor]] = {g: {} for g in groups_meta}
         layer_tensors: dict[str, dict[str, Tensor]] = {f: {} for f in layers_meta}
@@ -276,8 +279,6 @@ class Packs(Mapping[str, LayerPack]):
             transforms[g] = DuQuantTransform(in_features=k, block_size=b, **gt)
         layers = []
         for fqn, lm in layers_meta.items():
-            if not isinstance(lm, dict) or lm.get("group") not in transforms:
-                fail("group", f"refers to unknown group {lm.get('group') if isinstance(lm, dict) else lm!r}", fqn)
             clip = lm.get("weight_clip", 1.0)
             if not isinstance(clip, (int, float)):
                 fail("weight_clip", f"not a number: {clip!r}", fqn)
