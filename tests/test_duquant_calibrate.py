@@ -72,7 +72,11 @@ class Toy(nn.Module):
 def toy_model():
     torch.manual_seed(0)
     m = Toy().eval()
-    with torch.no_grad():  # outlier channels 50-100x after both norms (Gemma's (1+w))
+    with torch.no_grad():
+        for lin in m.modules():  # Gaussian weights like trained ones (nn.Linear's uniform init
+            if isinstance(lin, nn.Linear):  # is unusually kind to RTN and unkind to rotations)
+                nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+        # outlier channels 50-100x after both norms (Gemma's (1+w))
         for norm in (m.layers[0].input_layernorm, m.layers[0].post_attention_layernorm):
             norm.weight[OUTLIERS] = torch.tensor([49.0, 64.0, 79.0, 99.0])
     return m
@@ -226,9 +230,33 @@ def test_bad_calls_are_refused():
         calibrate(toy_model(), [], CFG, **KW)
     with pytest.raises(ValueError, match="weight_clip"):
         calibrate(toy_model(), toy_batches(1), CFG, **KW, weight_clip=1.5)
+    with pytest.raises(ValueError, match="rotation_rows"):
+        calibrate(toy_model(), toy_batches(1), CFG, **{**KW, "rotation_rows": 0})
 
 
 def test_package_exposes_calibrate_and_weight_clip_is_recorded():
     assert lazy_calibrate is calibrate
     packs = calibrate(toy_model(), toy_batches(1), CFG, **{**KW, "max_rotation_step": 1}, weight_clip=0.8)
     assert {lp.weight_clip for lp in packs.values()} == {0.8}
+
+
+def test_alpha_none_and_group_independence():
+    fast = {**KW, "max_rotation_step": 8}
+    packs = calibrate(toy_model(), toy_batches(2), CFG, **fast, alpha=None)
+    t = packs[MLP_ + "gate_proj"].transform
+    assert t.smooth is None and t.rot1 is not None and t.perm is not None
+    # a group's transform depends on its own statistics and (seed, group name) only
+    full = calibrate(toy_model(), toy_batches(2), CFG, **fast)
+    mlp_only = calibrate(toy_model(), toy_batches(2), QuantVLAConfig(include=(r"mlp\.(gate|up)_proj",), exclude=()), **fast)
+    assert list(mlp_only) == [MLP_ + "gate_proj", MLP_ + "up_proj"]
+    assert mlp_only[MLP_ + "up_proj"].transform.fingerprint() == full[MLP_ + "up_proj"].transform.fingerprint()
+
+
+def test_calibrated_packs_survive_a_file_round_trip(calibrated, tmp_path):
+    from quantvla_fx.duquant import load_packs
+
+    model, packs = calibrated
+    back = load_packs(packs.save(tmp_path / "toy.safetensors"))
+    assert back.fingerprint() == packs.fingerprint() and back.meta == packs.meta
+    assert back[MLP_ + "gate_proj"].transform is back[MLP_ + "up_proj"].transform
+    back.check_model({f: m for f, m in model.named_modules() if isinstance(m, nn.Linear)}, "toy")

@@ -55,17 +55,19 @@ def _peak(x: Tensor) -> float:
     return float(x.amax() - x.amin()) if x.numel() else 0.0
 
 
-def group_transform(name: str, weights: list[Tensor], act_max: Tensor, rows: Tensor, *, alpha: float,
+def group_transform(name: str, weights: list[Tensor], act_max: Tensor, rows: Tensor, *, alpha: Optional[float],
                     block_size: int, max_rotation_step: int, seed: int, exchange: str = "column",
                     device: Optional[torch.device] = None) -> DuQuantTransform:
     """The DuQuant transform of one input group from its statistics."""
     k = act_max.shape[0]
-    smooth = smooth_scales(act_max, weight_column_max(weights), alpha)
+    smooth = None if alpha is None else smooth_scales(act_max, weight_column_max(weights), alpha)
     if k % block_size:
-        log.info("DuQuant %s: K=%d is not a multiple of block_size=%d; smoothing only", name, k, block_size)
+        log.info("DuQuant %s: K=%d is not a multiple of block_size=%d; no rotation (smoothing only)", name, k, block_size)
         return DuQuantTransform(in_features=k, block_size=block_size, smooth=smooth)
     gen = torch.Generator().manual_seed(stable_seed(seed, name))
-    x = rows.to(device=device, dtype=torch.float32) / smooth.to(device)
+    x = rows.to(device=device, dtype=torch.float32)
+    if smooth is not None:
+        x = x / smooth.to(x.device)
     info1, info2 = {}, {}
     rot1 = greedy_rotation(x, block_size, max_rotation_step, gen, exchange, info1).to(torch.float32).unsqueeze(0)
     x1 = block_rotate(x, rot1.to(x.device))
@@ -78,7 +80,7 @@ def group_transform(name: str, weights: list[Tensor], act_max: Tensor, rows: Ten
     return DuQuantTransform(in_features=k, block_size=block_size, smooth=smooth, rot1=rot1, perm=perm, rot2=rot2)
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any], config, *, alpha: float = DEFAULT_ALPHA,
+def calibrate(model: nn.Module, batches: Iterable[Any], config, *, alpha: Optional[float] = DEFAULT_ALPHA,
               block_size: int = 128, max_rotation_step: int = 256, weight_clip: float = 1.0, seed: int = 0,
               rotation_rows: int = 512, exchange: str = "column", run: Optional[Callable] = None,
               progress: bool = True, device: Optional[torch.device] = None) -> Packs:
@@ -87,7 +89,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config, *, alpha: float 
     batches: iterable of positional-args tuples/lists, kwargs dicts or single tensors passed to
         ``model(...)``; with ``run``, each batch is handed to ``run(model, batch)`` instead (e.g.
         ``lambda m, b: m.sample_actions(*b)``).
-    alpha: smoothing migration strength (0.6 = DuQuant run.sh).  block_size: rotation block B.
+    alpha: smoothing migration strength (0.6 = DuQuant run.sh); None = no smoothing (rotations and
+        permutation only).  block_size: rotation block B.
     max_rotation_step: greedy steps per rotation (256 = DuQuant's scripts).  weight_clip: RTN clip
         ratio stored in every LayerPack (DuQuant's swc is 0.8).  rotation_rows: reservoir size of
         token rows per group for the rotation search.  exchange: "column" (default) or "row"
@@ -98,6 +101,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config, *, alpha: float 
     """
     if not 0.0 < weight_clip <= 1.0:
         raise ValueError(f"weight_clip must be in (0, 1], got {weight_clip}")
+    if rotation_rows < 1 or block_size < 2 or max_rotation_step < 0:
+        raise ValueError(f"need rotation_rows >= 1, block_size >= 2, max_rotation_step >= 0; got "
+                         f"{rotation_rows}, {block_size}, {max_rotation_step}")
     linears: dict[str, nn.Linear] = {}
     for fqn, mod in model.named_modules():
         if isinstance(mod, nn.Linear):

@@ -4,8 +4,8 @@ File layout (one ``.safetensors`` file, no pickle anywhere):
 * tensors ``group.<group>.{smooth,rot1,perm,rot2}`` (each present only if not None) and
   ``layer.<fqn>.{out_rot,weight_scale}``;
 * metadata (str -> str): ``format`` = "quantvla_fx.duquant", ``format_version``, ``meta`` (JSON:
-  block size, alpha, bits, source, ...), ``groups`` (JSON: group -> in_features, block_size) and
-  ``layers`` (JSON: fqn -> group, weight_clip, source).
+  block size, alpha, bits, source, ...; the first four also as plain keys), ``groups`` (JSON:
+  group -> in_features, block_size) and ``layers`` (JSON: fqn -> group, weight_clip, source).
 Layers of one group share one ``DuQuantTransform`` object, in memory and after a load.
 ``load_packs`` also reads a directory of QuantVLA ``.npz`` packs (see quantvla_npz.py).
 """
@@ -205,6 +205,8 @@ class Packs(Mapping[str, LayerPack]):
             "groups": json.dumps(groups_meta),  # insertion order = model order, kept on load
             "layers": json.dumps(layers_meta),
         }
+        # Readable copies for tools that only show the header; "meta" stays the source of truth.
+        metadata.update({k: str(self.meta[k]) for k in ("block_size", "alpha", "bits", "source") if k in self.meta})
         save_file(tensors, path, metadata=metadata)
         return path
 

@@ -216,7 +216,7 @@ def check_rotation(r: Tensor, b: int, nb: int, name: str, where: str, tol: float
     rd = r.detach().to(torch.float64)
     if not bool(torch.isfinite(rd).all()):
         fail("contains NaN or Inf")
-    err = (rd @ rd.transpose(-1, -2) - torch.eye(b, dtype=torch.float64)).abs().amax().item()
+    err = (rd @ rd.transpose(-1, -2) - torch.eye(b, dtype=torch.float64, device=rd.device)).abs().amax().item()
     if err > tol:
         fail(f"not orthogonal: max|R R^T - I| = {err:.3g} > {tol:g}")
 
