@@ -1,0 +1,139 @@
+"""``auto`` kernel selection: CPU goes to reference; only verified kernels win; the choice is cached."""
+import json
+
+import pytest
+import torch
+
+from quantvla_fx.kernels import auto, registry
+from quantvla_fx.kernels.registry import get_kernel, register_kernel, resolve_kernel
+
+CPU = torch.device("cpu")
+
+
+class FakeKernel:
+    """Delegates to the reference, optionally off by one, and counts its calls."""
+
+    def __init__(self, name, wrong=False):
+        self.name, self.wrong, self.calls = name, wrong, 0
+
+    def unavailable_reason(self, device):
+        return None
+
+    def unsupported_reason(self, n, k, group_size, device):
+        return None
+
+    def mm(self, x_q, w_packed):
+        self.calls += 1
+        return get_kernel("reference").mm(x_q, w_packed) + int(self.wrong)
+
+    def linear(self, *args):
+        return get_kernel("reference").linear(*args)
+
+
+@pytest.fixture
+def fakes(monkeypatch, tmp_path):
+    """Two fake kernels (fast-but-wrong, slower-but-exact) in a private registry and cache dir."""
+    monkeypatch.setattr(registry, "_KERNELS", dict(registry._KERNELS))
+    monkeypatch.setattr(registry, "_RESOLVED", {})
+    monkeypatch.setattr(auto, "_FILES", {})
+    monkeypatch.setattr(auto, "_CHECKED", set())
+    monkeypatch.setenv("QUANTVLA_CACHE_DIR", str(tmp_path))
+    get_kernel("reference")
+    kernels = {"fast_wrong": FakeKernel("fast_wrong", wrong=True), "slow_right": FakeKernel("slow_right")}
+    for k in kernels.values():
+        register_kernel(k)
+    monkeypatch.setattr(auto, "CANDIDATES", ("fast_wrong", "slow_right", "reference"))
+    times = {"fast_wrong": 1.0, "slow_right": 5.0, "reference": 50.0}
+    measured = []
+
+    def fake_measure(kern, run, device):
+        run()
+        measured.append(kern.name)
+        return times[kern.name]
+
+    monkeypatch.setattr(auto, "measure", fake_measure)
+    kernels["times"] = times
+    return kernels, measured, tmp_path
+
+
+def test_auto_on_cpu_is_reference():
+    assert resolve_kernel("auto", CPU, 2048, 2048, 10) is get_kernel("reference")
+
+
+def test_inexact_kernel_is_never_chosen_and_choice_is_cached(fakes):
+    kernels, measured, tmp_path = fakes
+    chosen = auto.select_kernel(CPU, 64, 128, 16, -1)
+    assert chosen is kernels["slow_right"]
+    assert measured == ["slow_right", "reference"]  # the wrong one was not even timed
+
+    (path,) = tmp_path.glob("auto_kernels_*.json")
+    entry = json.loads(path.read_text())["entries"]["cpu|64|128|16|-1"]
+    assert entry["kernel"] == "slow_right"
+    assert entry["times_us"] == {"slow_right": 5.0, "reference": 50.0}
+    assert "fast_wrong" in entry["skipped"]
+
+
+def test_cache_is_reread_from_disk_without_measuring(fakes, monkeypatch):
+    kernels, measured, _ = fakes
+    auto.select_kernel(CPU, 64, 128, 16, -1)
+    monkeypatch.setattr(auto, "_FILES", {})  # a new process: nothing in memory
+    monkeypatch.setattr(auto, "_CHECKED", set())
+    measured.clear()
+    assert auto.select_kernel(CPU, 64, 128, 16, -1) is kernels["slow_right"]
+    assert measured == []
+
+
+def test_cached_choice_that_turned_wrong_is_remeasured(fakes, monkeypatch):
+    kernels, measured, _ = fakes
+    auto.select_kernel(CPU, 64, 128, 16, -1)
+    monkeypatch.setattr(auto, "_CHECKED", set())
+    kernels["slow_right"].wrong = True
+    assert auto.select_kernel(CPU, 64, 128, 16, -1) is get_kernel("reference")
+
+
+def test_new_kernel_available_triggers_a_new_measurement(fakes, monkeypatch):
+    kernels, measured, _ = fakes
+    auto.select_kernel(CPU, 64, 128, 16, -1)
+    newcomer = register_kernel(FakeKernel("newcomer"))
+    kernels["times"]["newcomer"] = 2.0
+    monkeypatch.setattr(auto, "CANDIDATES", ("fast_wrong", "slow_right", "newcomer", "reference"))
+    measured.clear()
+    assert auto.select_kernel(CPU, 64, 128, 16, -1) is newcomer
+    assert measured == ["slow_right", "newcomer", "reference"]
+
+
+def test_keys_separate_shapes_and_buckets(fakes):
+    _, measured, tmp_path = fakes
+    auto.select_kernel(CPU, 64, 128, 16, -1)
+    auto.select_kernel(CPU, 64, 128, 32, -1)
+    auto.select_kernel(CPU, 64, 256, 16, 128)
+    (path,) = tmp_path.glob("auto_kernels_*.json")
+    keys = set(json.loads(path.read_text())["entries"])
+    assert keys == {"cpu|64|128|16|-1", "cpu|64|128|32|-1", "cpu|64|256|16|128"}
+
+
+def test_unloadable_candidate_is_skipped(fakes, monkeypatch):
+    kernels, _, _ = fakes
+    monkeypatch.setattr(auto, "CANDIDATES", ("does_not_exist", "slow_right", "reference"))
+    assert auto.select_kernel(CPU, 32, 64, 1, -1) is kernels["slow_right"]
+
+
+def test_unreadable_cache_file_is_ignored(fakes):
+    kernels, _, tmp_path = fakes
+    (tmp_path / "auto_kernels_cpu.json").write_text("{not json")
+    assert auto.select_kernel(CPU, 32, 64, 1, -1) is kernels["slow_right"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_gpu_picks_a_verified_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTVLA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(auto, "_FILES", {})
+    dev = torch.device("cuda")
+    kern = auto.select_kernel(dev, 4096, 1024, 16, -1)
+    from quantvla_fx.quant.int4_pack import pack_int4
+
+    x = torch.randint(-128, 128, (16, 1024), dtype=torch.int8, device=dev)
+    w = pack_int4(torch.randint(-8, 8, (4096, 1024), dtype=torch.int8, device=dev))
+    assert torch.equal(kern.mm(x, w), get_kernel("reference").mm(x, w))
+    assert list(tmp_path.glob("auto_kernels_*.json"))
