@@ -68,6 +68,8 @@ def _why_not_quantizable(real, wv, xv, k, n, cfg) -> str:
         return "the weight is computed inside the graph, not a parameter or input tensor"
     if wv.dim() != 2:
         return f"weight has shape {tuple(wv.shape)}, expected 2-D [N, K]"
+    if not cfg.quantize:
+        return ""
     if wv.dtype not in SUPPORTED_DTYPES:
         return f"weight dtype {wv.dtype} is not supported by the W4A8 kernels (float32, bfloat16, float16)"
     if isinstance(xv, torch.Tensor) and xv.dtype not in SUPPORTED_DTYPES:

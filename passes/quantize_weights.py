@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from torchao.quantization.utils import compute_error
 
+from quantvla_fx.duquant.transform import rotate_weight_rows
 from quantvla_fx.quant.int4_pack import unpack_int4
 from quantvla_fx.quant.weights import dequantize_weight, pack_weight
 from quantvla_fx.rewrite_context import RewriteContext
@@ -20,28 +21,36 @@ def _safe(fqn: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", fqn)
 
 
-def rotate_row_blocks(w: torch.Tensor, out_rot: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal output rotation of a weight: rows of block b become R_b @ W[rows_b]."""
-    nb, bo, _ = out_rot.shape
-    return torch.matmul(out_rot.to(w), w.reshape(nb, bo, -1)).reshape(w.shape)
-
-
 class WeightRecipe:
     """Pure function live weight -> (packed int4, scales); its key identifies it in the cache."""
 
-    def __init__(self, group_size: int, clip: float, transform=None, out_rot=None):
+    def __init__(self, group_size: int, clip: float, transform=None, out_rot=None, row_div=None):
         self.group_size, self.clip, self.transform, self.out_rot = group_size, clip, transform, out_rot
+        self.row_div = row_div
         self.key = ("w4a8-int4", group_size, float(clip),
                     transform.fingerprint() if transform is not None else None,
-                    _fingerprint(out_rot))
+                    _fingerprint(out_rot), _fingerprint(row_div))
 
     def transformed(self, w: torch.Tensor) -> torch.Tensor:
         wf = w.detach().to(torch.float32)
+        if self.row_div is not None:
+            wf = wf / self.row_div.to(wf.device)[:, None]
         if self.transform is not None:
             wf = self.transform.transform_weight(wf)
         if self.out_rot is not None:
-            wf = rotate_row_blocks(wf, self.out_rot)
+            wf = rotate_weight_rows(wf, self.out_rot).float()
         return wf
+
+    def float_weight(self, w: torch.Tensor):
+        """The transformed weight in its own dtype (quantize=False: checks the algebra only)."""
+        wd = w.detach().to(torch.float64)
+        if self.row_div is not None:
+            wd = wd / self.row_div.to(wd)[:, None]
+        if self.transform is not None:
+            wd = self.transform.transform_weight(wd)
+        if self.out_rot is not None:
+            wd = rotate_weight_rows(wd, self.out_rot)
+        return (wd.to(w.dtype),)
 
     def __call__(self, w: torch.Tensor):
         pw = pack_weight(self.transformed(w), self.group_size, self.clip)
@@ -65,8 +74,13 @@ def quantize_weights(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
             getattr(pack, "weight_clip", 1.0) if pack is not None else 1.0,
             site.group.transform if site.group is not None else None,
             getattr(pack, "out_rot", None) if pack is not None else None,
+            site.row_div,
         )
         name = _safe(site.record.fqn)
+        if not ctx.config.quantize:
+            (site.w_packed,) = ctx.add_derived((f"qv_{name}_wfloat",), (site.weight_pos,), recipe.float_weight,
+                                               ("float",) + recipe.key)
+            continue
         site.w_packed, site.w_scale = ctx.add_derived(
             (f"qv_{name}_w4", f"qv_{name}_wscale"), (site.weight_pos,), recipe, recipe.key
         )

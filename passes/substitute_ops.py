@@ -34,14 +34,21 @@ def fused_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel):
     return torch.ops.quantvla.w4a8_linear.default(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel)
 
 
-def restore_rows(y, out_rot, bias):
+def restore_rows(y, out_rot, bias, n_blocks, block):
     """Undo a block-diagonal output rotation (QuantVLA's "restore" mode), then add the bias."""
-    nb, bo = out_rot.shape[0], out_rot.shape[1]
-    y = torch.matmul(y.unflatten(-1, (nb, bo)).to(out_rot.dtype), out_rot).flatten(-2).to(y.dtype)
-    return y if bias is None else y + bias
+    yb = y.to(torch.float32).flatten(0, -2).unflatten(-1, (n_blocks, block)).transpose(0, 1)
+    r = out_rot.expand(n_blocks, block, block) if out_rot.shape[0] == 1 else out_rot
+    out = torch.bmm(yb, r).transpose(0, 1).reshape_as(y).to(y.dtype)
+    return out if bias is None else out + bias.detach()
+
+
+def float_linear(x, w, bias):
+    return torch.nn.functional.linear(x.to(w.dtype), w, bias)
 
 
 def choose_epilogue(ctx: RewriteContext, site: LinearSite) -> str:
+    if not ctx.config.quantize:
+        return "float"
     if ctx.config.group_size > 0:
         return "fused"  # per-group scales cannot be applied to a single int32 accumulator
     if ctx.config.epilogue != "auto":
@@ -70,20 +77,26 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
             x = group.input_node = replaced.get(group.input_node, group.input_node)
             if group.online is not None:
                 x = trace_into(graph, group.online, x)
-            x_q, x_scale = trace_into(graph, quantize_per_token, x)
+            if ctx.config.quantize:
+                x_q, x_scale = trace_into(graph, quantize_per_token, x)
         propagate_fake(gm, ctx.fake_mode)
         for site in group.members:
             out_dtype = site.node.meta["example_value"].dtype
             epilogue = choose_epilogue(ctx, site)
             out_rot = getattr(site.pack, "out_rot_node", None)
             bias = None if out_rot is not None else site.bias
-            fn = fused_linear if epilogue == "fused" else int32_epilogue
             with graph.inserting_before(site.node):
-                y = trace_into(graph, fn, x_q, x_scale, site.w_packed, site.w_scale, bias, out_dtype, kernel)
+                if epilogue == "float":
+                    y = trace_into(graph, float_linear, x, site.w_packed, bias)
+                else:
+                    fn = fused_linear if epilogue == "fused" else int32_epilogue
+                    y = trace_into(graph, fn, x_q, x_scale, site.w_packed, site.w_scale, bias, out_dtype, kernel)
                 if out_rot is not None:
-                    y = trace_into(graph, restore_rows, y, out_rot, site.bias)
+                    bo = site.pack.out_rot.shape[-1]
+                    y = trace_into(graph, restore_rows, y, out_rot, site.bias, site.record.out_features // bo, bo)
             propagate_fake(gm, ctx.fake_mode)
-            site.record.op = "quantvla::w4a8_linear" if epilogue == "fused" else "quantvla::w4a8_mm + aten epilogue"
+            site.record.op = {"fused": "quantvla::w4a8_linear", "int32": "quantvla::w4a8_mm + aten epilogue",
+                              "float": "aten.linear (quantize=False)"}[epilogue]
             wv = site.weight
             site.record.kernel = resolve_kernel(
                 kernel, wv.device, wv.shape[0], wv.shape[1], _token_hint(x), ctx.config.group_size

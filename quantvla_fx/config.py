@@ -67,6 +67,9 @@ class QuantVLAConfig:
         dump_dir: write graph dumps and the rewrite report here.
         enable_tuning / opt_m: BitBLAS tuning switches (``OPENPI_BITBLAS_ENABLE_TUNING``/``OPT_M``).
         debug: log every linear's decision at INFO instead of DEBUG.
+        quantize: False keeps weights and activations in float but applies every DuQuant
+            transform and fold (a check that the transforms are exact; not for deployment).
+        duquant_fold: fold DuQuant smoothing into the producing op where exact (False: online).
         lowering: ``inductor`` (default) or ``eager``: run the rewritten FX graph as Python, to
             tell a rewrite bug from an Inductor bug.
     """
@@ -84,6 +87,8 @@ class QuantVLAConfig:
     opt_m: tuple[int, ...] = ()
     debug: bool = False
     lowering: str = "inductor"
+    quantize: bool = True
+    duquant_fold: bool = True
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
     _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
 

@@ -23,6 +23,7 @@ class LinearSite:
     bias: Any  # bias node or None
     pack: Any = None  # DuQuant LayerPack or None
     group: Optional["GroupSite"] = None
+    row_div: Optional[torch.Tensor] = None  # [N] divisor of the output rows (folded smoothing)
     w_packed: Optional[fx.Node] = None
     w_scale: Optional[fx.Node] = None
 

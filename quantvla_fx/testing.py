@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 
 class GemmaRMSNorm(nn.Module):
-    """RMSNorm with Gemma's (1 + w) scale, computed in fp32."""
+    """RMSNorm with Gemma's (1 + w) scale, computed in fp32 (fp64 for fp64 inputs)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -19,9 +19,10 @@ class GemmaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        xf = x.float()
+        dt = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dt)
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return (normed * (1.0 + self.weight.to(dt))).to(x.dtype)
 
 
 class ToyAttention(nn.Module):
