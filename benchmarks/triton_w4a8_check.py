@@ -47,7 +47,6 @@ def _bucket(m: int) -> int:
 
 def _compile_key(cfg: TileConfig) -> tuple:
     d = cfg.to_dict()
-    d["split_k"] = cfg.split_k > 1  # the split count is a grid size, not a compile-time constant
     return tuple(sorted(d.items()))
 
 
@@ -60,7 +59,7 @@ def _precompile_worker(items):
             launch(x, w, TileConfig.from_dict(cfg))
             done += 1
         except Exception as e:  # reported again, with its reason, by the sweep
-            print(f"precompile {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            print(f"precompile {cfg}: {type(e).__name__}: {str(e)[-300:]}", flush=True)
     torch.cuda.synchronize()
     return done
 

@@ -37,16 +37,34 @@ def _max_block_kh(kh: int) -> int:
     return max(32, triton.next_power_of_2(kh))
 
 
-def _split_options(tiles: int, kh: int, block_kh: int, sm_count: int) -> list[int]:
-    """Split-K counts that bring tiles·split near one or two waves of the SMs (never < 1 K step)."""
-    opts = {1}
-    for s in (2, 4, 8, 16, 32):
-        if kh // s < block_kh:
-            break
-        if tiles * s <= 2 * sm_count:
-            opts.add(s)
-    # Keep the two largest that still fit, plus 1: smaller splits leave SMs idle for no gain.
-    return sorted(opts)[-2:] if tiles < sm_count else [1]
+def _smem_bytes(bn: int, bm: int, bkh: int, stages: int) -> int:
+    # (stages - 1) buffers of the weight and activation tiles, plus the split activation halves.
+    return (stages - 1) * (bn * bkh + 2 * bkh * bm) + 2 * bkh * bm
+
+
+# Hopper allows 227 KB of shared memory per block; leave room for the epilogue's scratch.
+SMEM_LIMIT = 220 * 1024
+
+
+def _split_options(tiles: int, kh: int, block_kh: int, sm_count: int, wide: bool) -> list[int]:
+    """Split-K counts worth trying: enough CTAs to fill the SMs a few times over, >= 1 K step each."""
+    fits = [s for s in (1, 2, 4, 8, 16, 32) if s == 1 or (kh // s >= block_kh and tiles * s <= 4 * sm_count)]
+    if wide:
+        return fits
+    # Grids from a quarter of the SMs to two waves: splitting has a cost (partial sums, the last
+    # split's reduction), so under-filled grids sometimes win; measured, not guessed.
+    near = [s for s in fits if sm_count <= 4 * tiles * s and tiles * s <= 2 * sm_count][:3]
+    return near or [1]
+
+
+# (BLOCK_N, BLOCK_KH, num_warps, num_stages, interleave) for few tokens: weight streaming, one
+# MMA N tile of tokens.  The lists hold the configurations that won an H200 sweep
+# (benchmarks/triton_w4a8_check.py); the wide lists add the runners-up for future sweeps.
+_SMALL_TILES = [(64, 128, 4, 4, False), (64, 256, 4, 3, False), (128, 128, 8, 4, False), (128, 256, 8, 3, False), (64, 128, 4, 4, True)]
+_SMALL_TILES_WIDE = _SMALL_TILES + [(128, 128, 4, 4, False), (64, 256, 4, 4, False), (128, 128, 4, 5, False)]
+# (BLOCK_N, BLOCK_M, BLOCK_KH, num_warps, num_stages, interleave) for many tokens: MMA bound.
+_LARGE_TILES = [(128, 128, 64, 4, 4, False), (128, 64, 128, 4, 3, False), (128, 128, 64, 8, 4, False), (128, 64, 64, 4, 4, False), (256, 128, 64, 8, 3, False)]
+_LARGE_TILES_WIDE = _LARGE_TILES + [(128, 128, 128, 8, 3, False), (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, False)]
 
 
 def candidates(n: int, k: int, m_bucket: int, sm_count: int, wide: bool = False) -> list[TileConfig]:
@@ -54,28 +72,20 @@ def candidates(n: int, k: int, m_bucket: int, sm_count: int, wide: bool = False)
     kh = k // 2
     out: list[TileConfig] = []
     if m_bucket <= SMALL_M:
-        # Weight streaming: many bytes in flight per SM, tokens padded to one MMA N tile.
         bm = max(16, m_bucket)
-        tiles_list = [(64, 128), (128, 128), (64, 256), (128, 256)]
-        stages_list = (3, 4, 5) if wide else (4,)
-        for bn, bkh in tiles_list:
+        for bn, bkh, nw, st, il in _SMALL_TILES_WIDE if wide else _SMALL_TILES:
             bkh = min(bkh, _max_block_kh(kh))
+            if _smem_bytes(bn, bm, bkh, st) > SMEM_LIMIT:
+                continue
             t = triton.cdiv(n, bn) * triton.cdiv(m_bucket, bm)
-            for s in _split_options(t, kh, bkh, sm_count):
-                for st in stages_list:
-                    for il in (False, True):
-                        out.append(TileConfig(bn, bm, bkh, s, 4, st, il))
+            for s in _split_options(t, kh, bkh, sm_count, wide):
+                out.append(TileConfig(bn, bm, bkh, s, nw, st, il))
     else:
-        # MMA-bound: large tiles, x read once per weight tile from L2.
-        tiles_list = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4)]
-        if wide:
-            tiles_list += [(128, 128, 128, 8, 3), (128, 256, 32, 8, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 4)]
-        for bn, bm, bkh, nw, st in tiles_list:
+        for bn, bm, bkh, nw, st, il in _LARGE_TILES_WIDE if wide else _LARGE_TILES:
             bkh = min(bkh, _max_block_kh(kh))
             t = triton.cdiv(n, bn) * triton.cdiv(m_bucket, bm)
-            for s in _split_options(t, kh, bkh, sm_count):
-                for il in (True, False) if wide else (True,):
-                    out.append(TileConfig(bn, bm, bkh, s, nw, st, il))
+            for s in _split_options(t, kh, bkh, sm_count, wide):
+                out.append(TileConfig(bn, bm, bkh, s, nw, st, il))
     return list(dict.fromkeys(out))  # small K clamps several tiles to the same one
 
 

@@ -3,9 +3,9 @@
 Always computed "swapped": the weight tile [BLOCK_N, BLOCK_K] is the MMA's A operand (it is
 decoded in registers, and Hopper's wgmma takes A from registers) and the token tile is the B
 operand, so a handful of tokens still fills a 64/128-row MMA with weight rows.  Split-K
-(``SPLIT``; the split count is grid axis 1) lets tall-K / narrow-N GEMMs fill every SM: partial int32 sums are
-atomically added into a zeroed int32 buffer, and for the scaled output the last split to finish
-a tile (counted by a per-tile atomic counter) applies the epilogue.
+(``SPLIT_K`` > 1, grid axis 1) lets tall-K / narrow-N GEMMs fill every SM: each split
+stores its int32 partial sums, and the last split to finish a tile (a per-tile atomic counter,
+reset to zero by that split) reduces them and applies the epilogue.
 
 Two ways of matching the two nibbles of a byte with their activations (``INTERLEAVE``):
   * False: x is read as int16 (two consecutive int8 values per element); its low/high bytes are
@@ -21,22 +21,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _unpack_nibbles(w, FAST_UNPACK: tl.constexpr):
-    """int8 bytes (offset-binary nibbles) -> (low, high) int8 values in [-8, 7]."""
+def _unpack_nibbles_x16(w, FAST_UNPACK: tl.constexpr):
+    """int8 bytes (offset-binary nibbles) -> (low, high) int8 values 16·(nibble - 8).
+
+    Keeping each nibble in the top half of its byte needs no carry-free subtraction:
+    ((u << 4) ^ 0x80) as int8 is exactly 16·(u - 8), so both halves cost three 32-bit ops per
+    four bytes; the accumulator is divided by 16 (an exact shift) after the K loop.
+    """
     if FAST_UNPACK:
-        # Four bytes per 32-bit register: (nibble + 0x78) ^ 0x80 == nibble - 8, with no carry
-        # between bytes, so both halves cost a few 32-bit ops per four weights.
         lo, hi = tl.inline_asm_elementwise(
             asm="""
             {
             .reg .b32 t;
-            and.b32 t, $2, 0x0F0F0F0F;
-            add.u32 t, t, 0x78787878;
-            xor.b32 $0, t, 0x80808080;
-            shr.u32 t, $2, 4;
-            and.b32 t, t, 0x0F0F0F0F;
-            add.u32 t, t, 0x78787878;
-            xor.b32 $1, t, 0x80808080;
+            shl.b32 t, $2, 4;
+            lop3.b32 $0, t, 0xF0F0F0F0, 0x80808080, 0x6a;
+            lop3.b32 $1, $2, 0xF0F0F0F0, 0x80808080, 0x6a;
             }
             """,
             constraints="=r,=r,r",
@@ -46,8 +45,8 @@ def _unpack_nibbles(w, FAST_UNPACK: tl.constexpr):
             pack=4,
         )
     else:
-        lo = (w & 0xF) - 8
-        hi = ((w >> 4) & 0xF) - 8
+        lo = ((w << 4) & -16) ^ -128
+        hi = (w & -16) ^ -128
     return lo, hi
 
 
@@ -57,8 +56,8 @@ def w4a8_kernel(
     x_ptr,  # int8 [M, K] (row stride stride_xm, unit stride along K)
     w_ptr,  # int8 [N, K/2] packed nibbles
     out_ptr,  # [M, N]: int32 (mm) or the output dtype (scaled)
-    ws_ptr,  # int32 [M, N] zeroed split-K accumulator (scaled split-K only)
-    cnt_ptr,  # int32 per-tile arrival counters, zeroed (scaled split-K only)
+    part_ptr,  # int32 [split, M, N] partial sums (split-K only)
+    cnt_ptr,  # int32 per-tile arrival counters, zero between launches (split-K only)
     xs_ptr,  # fp32 [M] per-token scales
     wsc_ptr,  # fp32 [N] per-channel scales
     bias_ptr,  # [N] bias (any float dtype)
@@ -71,7 +70,7 @@ def w4a8_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_KH: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     SCALED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -80,7 +79,6 @@ def w4a8_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    split_k = tl.num_programs(1)
     num_m = tl.cdiv(M, BLOCK_M)
     # Token tiles of one weight tile are neighbours in launch order: the weights come from HBM
     # once and the other token tiles re-read them from L2.
@@ -94,7 +92,7 @@ def w4a8_kernel(
     ld_m = offs_m % M
     offs_kh = tl.arange(0, BLOCK_KH)
 
-    kh_per_split = tl.cdiv(tl.cdiv(KH, split_k), BLOCK_KH) * BLOCK_KH
+    kh_per_split = tl.cdiv(tl.cdiv(KH, SPLIT_K), BLOCK_KH) * BLOCK_KH
     kh_lo = pid_k * kh_per_split
     kh_hi = tl.minimum(kh_lo + kh_per_split, KH)
 
@@ -112,14 +110,14 @@ def w4a8_kernel(
             w = tl.load(w_ptrs)
         else:
             w = tl.load(w_ptrs, mask=(kh + offs_kh)[None, :] < KH, other=0)
-        lo, hi = _unpack_nibbles(w, FAST_UNPACK)
+        lo, hi = _unpack_nibbles_x16(w, FAST_UNPACK)
         if INTERLEAVE:
             if EVEN_K:
                 xt = tl.load(x_ptrs)
             else:
                 xt = tl.load(x_ptrs, mask=(2 * kh + offs_k)[:, None] < 2 * KH, other=0)
             wk = tl.join(lo, hi).reshape(BLOCK_N, 2 * BLOCK_KH)
-            acc = tl.dot(wk, xt, acc)
+            acc = tl.dot(wk, xt, acc, out_dtype=tl.int32)
             x_ptrs += 2 * BLOCK_KH
         else:
             if EVEN_K:
@@ -128,29 +126,40 @@ def w4a8_kernel(
                 v = tl.load(x_ptrs, mask=(kh + offs_kh)[:, None] < KH, other=0)
             x_even = v.to(tl.int8)  # low byte = x[2j] (little-endian)
             x_odd = (v >> 8).to(tl.int8)
-            acc = tl.dot(lo, x_even, acc)
-            acc = tl.dot(hi, x_odd, acc)
+            acc = tl.dot(lo, x_even, acc, out_dtype=tl.int32)
+            acc = tl.dot(hi, x_odd, acc, out_dtype=tl.int32)
             x_ptrs += BLOCK_KH
         w_ptrs += BLOCK_KH
+    acc = acc >> 4  # the weights were scaled by 16 in _unpack_nibbles_x16; exact
 
     out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     out_off = offs_m[None, :] * stride_om + offs_n[:, None]
-    if not SPLIT:
-        if SCALED:
-            _store_scaled(acc, out_ptr, out_off, out_mask, xs_ptr, wsc_ptr, bias_ptr, ld_m, ld_n, HAS_BIAS)
-        else:
-            tl.store(out_ptr + out_off, acc, mask=out_mask)
-    elif SCALED:
-        tl.atomic_add(ws_ptr + out_off, acc, mask=out_mask, sem="relaxed")
-        # Every thread's partial sum is issued before one thread announces the tile's arrival
-        # (release); the last arriving split reads the complete sums from L2 (acquire, .cg).
+    if SPLIT_K > 1:
+        # Each split stores its partial sums (no zero-filled buffer, no extra launch); the last
+        # split to arrive at this tile adds them up.  All threads' stores are issued before one
+        # thread announces the arrival (bar.sync, then an acq_rel atomic at GPU scope); the last
+        # one reads the other partials from L2 (.cg) after its acquire.
+        part_off = offs_m[None, :] * N + offs_n[:, None]
+        tl.store(part_ptr + pid_k * M * N + part_off, acc, mask=out_mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if arrived == split_k - 1:
-            total = tl.load(ws_ptr + out_off, mask=out_mask, other=0, cache_modifier=".cg")
-            _store_scaled(total, out_ptr, out_off, out_mask, xs_ptr, wsc_ptr, bias_ptr, ld_m, ld_n, HAS_BIAS)
+        if arrived == SPLIT_K - 1:
+            for s in tl.static_range(SPLIT_K):  # unrolled: all partial loads in flight at once
+                if s != pid_k:
+                    acc += tl.load(part_ptr + s * M * N + part_off, mask=out_mask, other=0, cache_modifier=".cg")
+            # Counters live across launches: leave this one at zero for the next launch.
+            tl.store(cnt_ptr + pid, 0)
+            _store_out(acc, out_ptr, out_off, out_mask, xs_ptr, wsc_ptr, bias_ptr, ld_m, ld_n, SCALED, HAS_BIAS)
     else:
-        tl.atomic_add(out_ptr + out_off, acc, mask=out_mask, sem="relaxed")
+        _store_out(acc, out_ptr, out_off, out_mask, xs_ptr, wsc_ptr, bias_ptr, ld_m, ld_n, SCALED, HAS_BIAS)
+
+
+@triton.jit
+def _store_out(acc, out_ptr, out_off, out_mask, xs_ptr, wsc_ptr, bias_ptr, ld_m, ld_n, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if SCALED:
+        _store_scaled(acc, out_ptr, out_off, out_mask, xs_ptr, wsc_ptr, bias_ptr, ld_m, ld_n, HAS_BIAS)
+    else:
+        tl.store(out_ptr + out_off, acc, mask=out_mask)
 
 
 @triton.jit

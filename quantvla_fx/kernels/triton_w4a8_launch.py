@@ -1,7 +1,7 @@
 """Launching the Triton W4A8 kernel with one tile configuration (no tuning here).
 
-Everything in the launch path is torch allocation plus one (or, for split-K, a zero-fill and one)
-kernel launch: no host syncs, so it is CUDA-graph capturable.
+The launch path is torch allocations plus one kernel launch (split-K included): no host syncs,
+so it is CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -44,6 +44,23 @@ class TileConfig:
         )
 
 
+# Split-K arrival counters, one zeroed buffer per (device, stream) that the kernel leaves at zero:
+# no zero-fill per launch.  Buffers are never freed, since captured CUDA graphs keep their address.
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+_KEEP: list[torch.Tensor] = []
+
+
+def _counters(dev: torch.device, tiles: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
+    key = (str(dev), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=dev)
+        _COUNTERS[key] = buf
+        _KEEP.append(buf)
+    return buf
+
+
 def _prepare_x(x_q: torch.Tensor) -> torch.Tensor:
     """Rows with unit stride along K; even row stride and address, since x may be read as int16."""
     if x_q.stride(-1) != 1 or (x_q.shape[0] > 1 and x_q.stride(0) % 2):
@@ -78,23 +95,22 @@ def launch(
         xs = x_scale.reshape(-1).to(torch.float32).contiguous()
         wsc = w_scale.reshape(-1).to(torch.float32).contiguous()
         b = bias.contiguous() if bias is not None else wsc
-        if split > 1:
-            # One zero-fill holds the int32 partial sums and the per-tile arrival counters.
-            buf = torch.zeros(m * n + tiles, dtype=torch.int32, device=dev)
-            ws, cnt = buf[: m * n], buf[m * n :]
-        else:
-            ws = cnt = out
     else:
-        out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.int32, device=dev)
-        xs = wsc = b = ws = cnt = out
+        out = torch.empty(m, n, dtype=torch.int32, device=dev)
+        xs = wsc = b = out
+    if split > 1:
+        part = torch.empty(split * m * n, dtype=torch.int32, device=dev)
+        cnt = _counters(dev, tiles)
+    else:
+        part = cnt = out
     w4a8_kernel[(tiles, split)](
-        x, w, out, ws, cnt, xs, wsc, b,
+        x, w, out, part, cnt, xs, wsc, b,
         m, n, kh,
         x.stride(0), w.stride(0), out.stride(0),
         BLOCK_N=cfg.block_n,
         BLOCK_M=cfg.block_m,
         BLOCK_KH=cfg.block_kh,
-        SPLIT=split > 1,
+        SPLIT_K=split,
         EVEN_K=kh % (split * cfg.block_kh) == 0,
         SCALED=scaled,
         HAS_BIAS=bias is not None,

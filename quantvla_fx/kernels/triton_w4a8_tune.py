@@ -28,7 +28,7 @@ def random_problem(m: int, n: int, k: int, device) -> tuple[torch.Tensor, torch.
 
 
 def time_configs(
-    x_q: torch.Tensor, w_packed: torch.Tensor, cfgs: list[TileConfig], warmup_ms: int = 5, rep_ms: int = 20
+    x_q: torch.Tensor, w_packed: torch.Tensor, cfgs: list[TileConfig], warmup_ms: int = 10, rep_ms: int = 40
 ) -> list[tuple[TileConfig, Optional[float], str]]:
     """(config, median µs or None, note) for each candidate; wrong or failing ones get None."""
     ref = ReferenceKernel().mm(x_q, w_packed)
