@@ -1,0 +1,108 @@
+"""Per-op benchmark: RMSNorm -> linear on the four Pi0.5 MLP shapes, quantvla vs Inductor bf16.
+
+    python benchmarks/bench_ops.py [--kernels triton,bitblas,auto] [--out benchmarks/results]
+
+For every shape and M in {10, 50, 968}: the same module compiled with Inductor in bf16 and with
+backend="quantvla" (one run per kernel), plus raw cuBLAS bf16 (F.linear), all timed in this run
+by benchmarks/timing.py (CUDA graphs, L2 flushed, medians).  Prints ratios; writes
+<out>/<gpu>/bench_ops.json.  benchmarks/plot_results.py draws the PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import time_us  # noqa: E402
+
+from quantvla_fx import QuantVLAConfig  # noqa: E402
+from quantvla_fx.testing import GemmaRMSNorm  # noqa: E402
+
+SHAPES = {  # name: (K, N)
+    "lm_gate_up": (2048, 16384),
+    "lm_down": (16384, 2048),
+    "expert_gate_up": (1024, 4096),
+    "expert_down": (4096, 1024),
+}
+MS = (10, 50, 968)
+
+
+class NormLinear(torch.nn.Module):
+    def __init__(self, k, n):
+        super().__init__()
+        self.norm = GemmaRMSNorm(k)
+        self.proj = torch.nn.Linear(k, n, bias=False)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+def gpu_slug() -> str:
+    return torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "_")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", default="triton,bitblas")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for name in args.shapes.split(","):
+        k, n = SHAPES[name]
+        mod = NormLinear(k, n).cuda().to(torch.bfloat16).eval()
+        with torch.no_grad():
+            mod.proj.weight.normal_(0, k ** -0.5)
+            mod.norm.weight.normal_(0, 0.1)
+        compiled = {"inductor_bf16": torch.compile(mod)}
+        for kern in args.kernels.split(","):
+            cfg = QuantVLAConfig.all_linears(kernel=kern)
+            compiled[f"quantvla_{kern}"] = torch.compile(mod, backend="quantvla", options=cfg.to_options())
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"shape": name, "K": k, "N": n, "M": m}
+            with torch.no_grad():
+                xn = mod.norm(x)
+                row["cublas_bf16_us"] = time_us(lambda: F.linear(xn, mod.proj.weight))
+                ref = mod(x).float()
+                for label, fn in compiled.items():
+                    try:
+                        out = fn(x)
+                        err = float((out.float() - ref).norm() / ref.norm())
+                        row[f"{label}_us"] = time_us(lambda: fn(x))
+                        row[f"{label}_rel_err"] = err
+                    except Exception as e:  # a kernel that cannot run here is reported, not fatal
+                        row[f"{label}_error"] = f"{type(e).__name__}: {e}"[:300]
+            base = row["inductor_bf16_us"]
+            for key in list(row):
+                if key.startswith("quantvla_") and key.endswith("_us"):
+                    row[key[:-3] + "_speedup_vs_inductor_bf16"] = base / row[key] if row[key] else None
+                    row[key[:-3] + "_speedup_vs_cublas_bf16"] = row["cublas_bf16_us"] / row[key] if row[key] else None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out_dir = os.path.join(args.out, gpu_slug())
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "method": "CUDA-graph replay, L2 flushed (256 MiB write) each replay, flush time subtracted, median of 200"}
+    with open(os.path.join(out_dir, "bench_ops.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print("\nshape            M   cuBLAS  inductor " + " ".join(f"{k:>16}" for k in compiled if k != "inductor_bf16"))
+    for r in rows:
+        cells = []
+        for k in compiled:
+            if k == "inductor_bf16":
+                continue
+            us = r.get(f"{k}_us")
+            cells.append(f"{us:7.1f}us {r['inductor_bf16_us'] / us:5.2f}x" if us else f"{'error':>16}")
+        print(f"{r['shape']:15} {r['M']:4} {r['cublas_bf16_us']:7.1f} {r['inductor_bf16_us']:8.1f} " + " ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
