@@ -2,7 +2,8 @@
 
 - RMSNorm in fp32 with a ``(1 + w)`` scale (LM), or adaRMS (expert): scale/shift/gate from a
   ``dense`` Linear on the time condition, with a gated residual.
-- Attention: RoPE, grouped/multi-query K/V, eager matmul + fp32 softmax with openpi's finite mask.
+- Attention: RoPE, grouped/multi-query K/V, SDPA with openpi's finite additive mask (openpi
+  runs HF's eager matmul/softmax; same math, the results agree to fp32 rounding).
 - MLP: GeGLU with tanh GELU.
 Module and attribute names equal HF/openpi's so state-dict keys and FQN regexes carry over.
 """
@@ -59,17 +60,26 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor
     return x + y if gate is None else x + y * gate
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
-    """q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D); mask: additive (B, 1, Lq, Lk) float32.
-    Returns (B, Lq, Hq, D). Same op order as HF's eager path (scale after QK^T, fp32 softmax)."""
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # HF repeat_kv
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
-    scores = scores + mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v).transpose(1, 2)
+def fold_mask_for_kv_groups(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, 1, Lq, Lk) additive mask -> (B, 1, groups*Lq, Lk), matching ``attention``'s folded
+    query rows. Done once per stack, not per layer."""
+    return mask if groups == 1 else mask.repeat(1, 1, groups, 1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, folded_mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D); folded_mask: additive (B, 1, (Hq/Hkv)*Lq, Lk).
+    Returns (B, Lq, Hq, D).
+
+    The query heads that share a K/V head (head h uses K/V head h // (Hq/Hkv), like HF's
+    repeat_kv) are folded into the query-row axis, so K/V are never copied per head; one SDPA
+    call then covers LM and expert (MQA: Hkv = 1). With openpi's finite mask value a fully
+    masked (padded) query row gets a uniform softmax, as in openpi's eager path.
+    """
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    q = q.reshape(b, hkv, (hq // hkv) * lq, d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=folded_mask.to(q.dtype), scale=scaling)
+    return out.reshape(b, hq, lq, d).transpose(1, 2)
 
 
 class GemmaAttention(nn.Module):
@@ -85,8 +95,9 @@ class GemmaAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.width, bias=False)
 
     def forward(self, x, cos, sin, mask, past_kv: Optional[KVPair] = None):
-        """Returns (output, (k, v)) where k/v are this call's own post-RoPE keys/values
-        (B, Hkv, L, D). ``past_kv`` is prepended for attention but never written to."""
+        """``mask``: folded additive mask (see ``fold_mask_for_kv_groups``). Returns (output,
+        (k, v)) where k/v are this call's own post-RoPE keys/values (B, Hkv, L, D). ``past_kv``
+        is prepended for attention but never written to."""
         b, length, _ = x.shape
         q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -97,7 +108,7 @@ class GemmaAttention(nn.Module):
         if past_kv is not None:
             k_all = torch.cat([past_kv[0], k], dim=2)
             v_all = torch.cat([past_kv[1], v], dim=2)
-        out = eager_attention(q, k_all, v_all, mask, self.scaling)
+        out = attention(q, k_all, v_all, mask, self.scaling)
         out = out.reshape(b, length, self.num_heads * self.head_dim)
         return self.o_proj(out), (k, v)
 
@@ -137,6 +148,7 @@ class GemmaModel(nn.Module):
                  cond_dim: Optional[int]):
         super().__init__()
         self.head_dim = cfg.head_dim
+        self.kv_groups = cfg.num_heads // cfg.num_kv_heads
         self.rope_theta = rope_theta
         self.embed_tokens = nn.Embedding(vocab_size, cfg.width) if vocab_size is not None else None
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, eps, cond_dim) for _ in range(cfg.depth))
@@ -147,12 +159,14 @@ class GemmaModel(nn.Module):
         return self.layers[0].self_attn.q_proj.weight.dtype
 
     def forward(self, inputs_embeds, position_ids, mask, past_key_values: Optional[list[KVPair]] = None, cond=None):
-        """Returns (normed hidden states, list of this pass's per-layer post-RoPE (k, v)).
+        """``mask``: additive (B, 1, L, L_past + L) float32. Returns (normed hidden states, list
+        of this pass's per-layer post-RoPE (k, v)).
 
         Hidden states are cast to the layers' dtype like openpi's patched GemmaModel (bf16
         layers -> bf16 activations); RoPE cos/sin are cast to the same dtype, as HF does."""
         x = inputs_embeds.to(self.compute_dtype)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, x.dtype)
+        mask = fold_mask_for_kv_groups(mask, self.kv_groups)
         new_kv: list[KVPair] = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None
