@@ -69,12 +69,13 @@ class TritonW4A8Kernel:
             self._caches[idx] = ConfigCache(torch.cuda.get_device_name(idx))
         return self._caches[idx]
 
-    def config_for(self, n: int, k: int, m: int, device: torch.device) -> "TileConfig":
-        """The tile configuration used for this GEMM: cached, tuned now, or the heuristic."""
+    def config_for(self, n: int, k: int, m: int, device: torch.device, scaled: bool = False) -> "TileConfig":
+        """The tile configuration for this GEMM (``scaled``: the fused-epilogue kernel): cached,
+        tuned now, or the heuristic."""
         b = m_bucket(m)
         if INTERPRET or device.type != "cuda":
             return heuristic(n, k, m)
-        key = (device.index, n, k, b)
+        key = (device.index, n, k, b, scaled)
         cfg = self._configs.get(key)
         if cfg is not None:
             return cfg
@@ -83,7 +84,7 @@ class TritonW4A8Kernel:
             if cfg is not None:
                 return cfg
             cache = self._cache_for(device)
-            cfg = cache.get(n, k, b)
+            cfg = cache.get(n, k, b, scaled)
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             if cfg is None and torch.cuda.is_current_stream_capturing():
                 # Timing is impossible inside graph capture: use the heuristic, cache nothing.
@@ -93,9 +94,9 @@ class TritonW4A8Kernel:
                 from .triton_w4a8_tune import best_config
 
                 log.info("triton W4A8: tuning N=%d K=%d M<=%d on %s", n, k, b, cache.gpu_name)
-                cfg, us = best_config(n, k, b, candidates(n, k, b, sms), device)
+                cfg, us = best_config(n, k, b, candidates(n, k, b, sms), device, scaled)
                 if cfg is not None:
-                    cache.put(n, k, b, cfg, us)
+                    cache.put(n, k, b, cfg, us, scaled)
                     log.info("triton W4A8: N=%d K=%d M<=%d -> %s (%.1f us)", n, k, b, cfg.key(), us)
             if cfg is None:
                 cfg = heuristic(n, k, m, sms)
@@ -112,7 +113,7 @@ class TritonW4A8Kernel:
         n, k = w_packed.shape[0], x_q.shape[1]
         if w_scale.dim() == 2 and w_scale.shape[1] != 1:
             raise ValueError(self.unsupported_reason(n, k, k // w_scale.shape[1], x_q.device))
-        cfg = self.config_for(n, k, x_q.shape[0], x_q.device)
+        cfg = self.config_for(n, k, x_q.shape[0], x_q.device, scaled=True)
         return launch(x_q, w_packed.view(torch.int8), cfg, x_scale, w_scale, bias, out_dtype)
 
 

@@ -1,6 +1,6 @@
 """Tile configurations for the Triton W4A8 kernel: candidates, a heuristic pick, and a disk cache.
 
-The best configuration is chosen per (N, K, M-bucket) by timing a few candidates once on the GPU
+The best configuration is chosen per (op, N, K, M-bucket) by timing a few candidates once on the GPU
 (see triton_w4a8_tune.py) and stored in ``<cache>/triton/<gpu name>.json``, where ``<cache>`` is
 ``$QUANTVLA_CACHE_DIR`` or ``~/.cache/quantvla_fx``.  Where timing is impossible (CPU interpreter,
 inside CUDA-graph capture, tuning turned off) the heuristic below picks one without measuring.
@@ -114,8 +114,8 @@ class ConfigCache:
         self._entries: Optional[dict] = None
 
     @staticmethod
-    def key(n: int, k: int, m_bucket: int) -> str:
-        return f"N{n}_K{k}_M{m_bucket}"
+    def key(n: int, k: int, m_bucket: int, scaled: bool) -> str:
+        return f"{'linear' if scaled else 'mm'}_N{n}_K{k}_M{m_bucket}"
 
     def _load(self) -> dict:
         if self._entries is None:
@@ -132,15 +132,15 @@ class ConfigCache:
                 log.warning("ignoring unreadable triton W4A8 config cache %s: %s", self.path, e)
         return self._entries
 
-    def get(self, n: int, k: int, m_bucket: int) -> Optional[TileConfig]:
+    def get(self, n: int, k: int, m_bucket: int, scaled: bool = False) -> Optional[TileConfig]:
         with self._lock:
-            d = self._load().get(self.key(n, k, m_bucket))
+            d = self._load().get(self.key(n, k, m_bucket, scaled))
         return TileConfig.from_dict(d["config"]) if d else None
 
-    def put(self, n: int, k: int, m_bucket: int, cfg: TileConfig, us: float) -> None:
+    def put(self, n: int, k: int, m_bucket: int, cfg: TileConfig, us: float, scaled: bool = False) -> None:
         with self._lock:
             entries = self._load()
-            entries[self.key(n, k, m_bucket)] = {"config": cfg.to_dict(), "us": round(us, 3)}
+            entries[self.key(n, k, m_bucket, scaled)] = {"config": cfg.to_dict(), "us": round(us, 3)}
             payload = {"gpu": self.gpu_name, "triton": triton.__version__, "configs": entries}
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

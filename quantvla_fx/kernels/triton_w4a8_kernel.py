@@ -130,16 +130,18 @@ def w4a8_kernel(
             acc = tl.dot(hi, x_odd, acc, out_dtype=tl.int32)
             x_ptrs += BLOCK_KH
         w_ptrs += BLOCK_KH
-    acc = acc >> 4  # the weights were scaled by 16 in _unpack_nibbles_x16; exact
+    # The weights were scaled by 16 in _unpack_nibbles_x16 (exact shift).  Token-major from here
+    # on, so that stores run along N, contiguous in memory, in wide vectors.
+    acc = tl.trans(acc >> 4)
 
-    out_mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
-    out_off = offs_m[None, :] * stride_om + offs_n[:, None]
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    out_off = offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K > 1:
         # Each split stores its partial sums (no zero-filled buffer, no extra launch); the last
         # split to arrive at this tile adds them up.  All threads' stores are issued before one
         # thread announces the arrival (bar.sync, then an acq_rel atomic at GPU scope); the last
         # one reads the other partials from L2 (.cg) after its acquire.
-        part_off = offs_m[None, :] * N + offs_n[:, None]
+        part_off = offs_m[:, None] * N + offs_n[None, :]
         tl.store(part_ptr + pid_k * M * N + part_off, acc, mask=out_mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
@@ -167,7 +169,7 @@ def _store_scaled(acc, out_ptr, out_off, out_mask, xs_ptr, wsc_ptr, bias_ptr, ld
     """out = acc * x_scale[m] * w_scale[n] (+ bias[n]), in fp32, in the reference's order."""
     xs = tl.load(xs_ptr + ld_m)
     wsc = tl.load(wsc_ptr + ld_n)
-    y = acc.to(tl.float32) * xs[None, :] * wsc[:, None]
+    y = acc.to(tl.float32) * xs[:, None] * wsc[None, :]
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + ld_n).to(tl.float32)[:, None]
+        y = y + tl.load(bias_ptr + ld_n).to(tl.float32)[None, :]
     tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -61,6 +61,16 @@ def _counters(dev: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
+def _reg_cap(cfg: TileConfig) -> Optional[int]:
+    """A register cap that lets two CTAs share an SM, unless the accumulator alone would spill.
+
+    (The scaled epilogue otherwise pushes 8-warp 128x128 tiles to 144 registers: one CTA per SM
+    and a third slower at M=968.)"""
+    cap = 65536 // (2 * 32 * cfg.num_warps)
+    acc_regs = cfg.block_n * cfg.block_m // (32 * cfg.num_warps)
+    return cap if cap < 255 and 2 * acc_regs <= cap else None
+
+
 def _prepare_x(x_q: torch.Tensor) -> torch.Tensor:
     """Rows with unit stride along K; even row stride and address, since x may be read as int16."""
     if x_q.stride(-1) != 1 or (x_q.shape[0] > 1 and x_q.stride(0) % 2):
@@ -103,6 +113,7 @@ def launch(
         cnt = _counters(dev, tiles)
     else:
         part = cnt = out
+    opts = {} if INTERPRET else {"maxnreg": _reg_cap(cfg)}
     w4a8_kernel[(tiles, split)](
         x, w, out, part, cnt, xs, wsc, b,
         m, n, kh,
@@ -118,5 +129,6 @@ def launch(
         FAST_UNPACK=not INTERPRET,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **opts,
     )
     return out
