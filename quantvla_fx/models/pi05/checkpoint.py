@@ -15,7 +15,6 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from quantvla_fx.config import ConfigError
 
 from .config import Pi05Config
-from .dtype_policy import apply_dtype_policy, canonical_policy, cast_for_policy
+from .dtype_policy import apply_dtype_policy, canonical_policy, cast_for_policy, param_dtype
 from .initialization import init_module
 from .model import Pi05
 from .paligemma import EMBED_KEY, LM_HEAD_KEY
@@ -191,20 +190,26 @@ def load_pi05(path: str | os.PathLike, config: Pi05Config | str | None = None, s
 
 
 def _read_tensors(index, keys: list[str], policy: str, device) -> dict[str, torch.Tensor]:
+    """Read, cast and move one tensor at a time (peak memory ~ the loaded model, not twice it).
+    A stored tensor that supplies two names (the tied pair) is read once."""
     handles = {}
     state: dict[str, torch.Tensor] = {}
-    by_source: dict[tuple[Path, str], torch.Tensor] = {}
+    done: dict[tuple[Path, str], str] = {}  # (file, stored key) -> first model key loaded from it
     try:
         for key in keys:
             file, stored = index[key][0], index[key][1]
-            if (file, stored) not in by_source:
-                if file not in handles:
-                    handles[file] = _open(file).__enter__()
-                try:
-                    by_source[(file, stored)] = handles[file].get_tensor(stored)
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {stored!r} ({e})") from e
-            state[key] = cast_for_policy(key, by_source[(file, stored)], policy).to(device)
+            first = done.get((file, stored))
+            if first is not None and state[first].dtype == param_dtype(key, policy):
+                state[key] = state[first]
+                continue
+            if file not in handles:
+                handles[file] = _open(file).__enter__()
+            try:
+                raw = handles[file].get_tensor(stored)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{file}: cannot read tensor {stored!r} ({e})") from e
+            state[key] = cast_for_policy(key, raw, policy).to(device)
+            done.setdefault((file, stored), key)
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)

@@ -166,7 +166,7 @@ class GemmaModel(nn.Module):
         layers -> bf16 activations); RoPE cos/sin are cast to the same dtype, as HF does."""
         x = inputs_embeds.to(self.compute_dtype)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, x.dtype)
-        mask = fold_mask_for_kv_groups(mask, self.kv_groups)
+        mask = fold_mask_for_kv_groups(mask, self.kv_groups).to(x.dtype)  # once per stack, not per layer
         new_kv: list[KVPair] = []
         for i, layer in enumerate(self.layers):
             past = past_key_values[i] if past_key_values is not None else None

@@ -1,11 +1,13 @@
 """Pi05: openpi's ``PI0Pytorch`` (pi05=True) inference path in plain PyTorch.
 
-sample_actions = preprocess -> embed_prefix (SigLIP + projector per camera, scaled token
+sample_actions = preprocess -> embed_prefix (SigLIP + projector for each camera, scaled token
 embeddings) -> one LM pass over the prefix that keeps each layer's post-RoPE K/V ->
-``num_steps`` Euler steps, each a ``denoise_step`` of the action expert over [cached prefix K/V,
-own K/V] (the cache is read, never written). The loop is a Python ``for`` over ``num_steps``
-with float32-accumulated time, so ``torch.compile(model.sample_actions, fullgraph=True)``
-traces one graph and the time values match openpi's tensor ``while`` loop bit for bit.
+``num_steps`` Euler steps, each one velocity evaluation of the action expert over [cached
+prefix K/V, own K/V] (the cache is read, never written). ``denoise_step`` is that evaluation
+with openpi's signature; sample_actions builds the step-independent parts (suffix mask and
+positions, the time conditioning of every step) once, before the loop. The loop is a Python
+``for`` over the float32-accumulated times, so ``torch.compile(model.sample_actions,
+fullgraph=True)`` traces one graph and the times equal openpi's tensor ``while`` loop bit for bit.
 """
 from __future__ import annotations
 
@@ -38,9 +40,8 @@ def sinusoidal_time_embedding(time: torch.Tensor, dimension: int, min_period: fl
 
 
 class Pi05(nn.Module):
-    def __init__(self, config: Optional[Pi05Config] = None):
+    def __init__(self, config: Pi05Config):
         super().__init__()
-        config = config if config is not None else Pi05Config.pi05_base()
         self.config = config
         self.paligemma_with_expert = PaliGemmaWithExpertModel(config)
         width = config.expert.width
