@@ -64,6 +64,27 @@ def _token_hint(node: fx.Node) -> int:
     return int(m)
 
 
+def _inserted_before(anchor: fx.Node, build) -> list[fx.Node]:
+    """Run ``build()`` inserting before ``anchor``; returns its result and the new nodes in order."""
+    start = anchor.prev
+    with anchor.graph.inserting_before(anchor):
+        result = build()
+    new, n = [], start.next
+    while n is not anchor:
+        new.append(n)
+        n = n.next
+    return result, new
+
+
+def _finish_nodes(ctx: RewriteContext, nodes: list[fx.Node], like: fx.Node) -> None:
+    """Fake values for the new nodes, and the calling module of the linear they stand for (dumps)."""
+    propagate_fake(ctx.gm, ctx.fake_mode, nodes)
+    stack = like.meta.get("nn_module_stack")
+    if stack is not None:
+        for n in nodes:
+            n.meta.setdefault("nn_module_stack", stack)
+
+
 def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -71,21 +92,24 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     replaced: dict[fx.Node, fx.Node] = {}  # a group may read the output of an already replaced linear
     for group in ctx.groups:
         first = min(group.members, key=lambda s: order[s.node])
-        stack = first.node.meta.get("nn_module_stack")
-        before = set(graph.nodes)
-        with graph.inserting_before(first.node):
-            x = group.input_node = replaced.get(group.input_node, group.input_node)
+        x = group.input_node = replaced.get(group.input_node, group.input_node)
+
+        def build_input(x=x, group=group):
             if group.online is not None:
                 x = trace_into(graph, group.online, x)
             if ctx.config.quantize:
-                x_q, x_scale = trace_into(graph, quantize_per_token, x)
-        propagate_fake(gm, ctx.fake_mode)
+                return (x,) + tuple(trace_into(graph, quantize_per_token, x))
+            return x, None, None
+
+        (x, x_q, x_scale), new = _inserted_before(first.node, build_input)
+        _finish_nodes(ctx, new, first.node)
         for site in group.members:
             out_dtype = site.node.meta["example_value"].dtype
             epilogue = choose_epilogue(ctx, site)
             out_rot = getattr(site.pack, "out_rot_node", None)
             bias = None if out_rot is not None else site.bias
-            with graph.inserting_before(site.node):
+
+            def build_op(site=site, epilogue=epilogue, out_rot=out_rot, bias=bias, out_dtype=out_dtype):
                 if epilogue == "float":
                     y = trace_into(graph, float_linear, x, site.w_packed, bias)
                 else:
@@ -94,7 +118,10 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
                 if out_rot is not None:
                     bo = site.pack.out_rot.shape[-1]
                     y = trace_into(graph, restore_rows, y, out_rot, site.bias, site.record.out_features // bo, bo)
-            propagate_fake(gm, ctx.fake_mode)
+                return y
+
+            y, new = _inserted_before(site.node, build_op)
+            _finish_nodes(ctx, new, site.node)
             site.record.op = {"fused": "quantvla::w4a8_linear", "int32": "quantvla::w4a8_mm + aten epilogue",
                               "float": "aten.linear (quantize=False)"}[epilogue]
             wv = site.weight
@@ -104,7 +131,4 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
             site.node.replace_all_uses_with(y)
             graph.erase_node(site.node)
             replaced[site.node] = y
-        for n in graph.nodes:
-            if n not in before and stack is not None:
-                n.meta.setdefault("nn_module_stack", stack)
     return gm
