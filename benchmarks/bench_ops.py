@@ -54,8 +54,11 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     args = ap.parse_args()
     torch.manual_seed(0)
+    # One module class, many shapes and backends: keep every variant compiled (never eager).
+    torch._dynamo.config.recompile_limit = 64
     rows = []
     for name in args.shapes.split(","):
+        torch._dynamo.reset()
         k, n = SHAPES[name]
         mod = NormLinear(k, n).cuda().to(torch.bfloat16).eval()
         with torch.no_grad():

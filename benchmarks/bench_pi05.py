@@ -50,7 +50,7 @@ def events_us(fn, reps=30):
     return statistics.median(times)
 
 
-def measure(label, make_fn, obs, noise):
+def measure(label, make_fn, obs, noise, warm_compile=True):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn = make_fn()
@@ -58,14 +58,15 @@ def measure(label, make_fn, obs, noise):
         out = fn(obs, noise=noise)
     torch.cuda.synchronize()
     cold = time.perf_counter() - t0
-    torch._dynamo.reset()  # warm: same process, Inductor's caches hot, Dynamo traces again
-    t0 = time.perf_counter()
-    fn = make_fn()
-    with torch.no_grad():
-        out = fn(obs, noise=noise)
-    torch.cuda.synchronize()
-    warm = time.perf_counter() - t0
-    res = {"compile_cold_s": cold, "compile_warm_s": warm}
+    res = {"compile_cold_s": cold}
+    if warm_compile:
+        torch._dynamo.reset()  # warm: same process, Inductor's caches hot, Dynamo traces again
+        t0 = time.perf_counter()
+        fn = make_fn()
+        with torch.no_grad():
+            out = fn(obs, noise=noise)
+        torch.cuda.synchronize()
+        res["compile_warm_s"] = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
         fn(obs, noise=noise)
@@ -86,6 +87,7 @@ def main():
     ap.add_argument("--horizon", type=int, default=10)
     ap.add_argument("--kernel", default="auto")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--no-warm-compile", action="store_true", help="skip the warm-cache compile timing")
     args = ap.parse_args()
     torch.manual_seed(0)
     presets = {10: Pi05Config.pi05_libero, 15: Pi05Config.pi05_droid, 50: Pi05Config.pi05_base}
@@ -99,10 +101,12 @@ def main():
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, device="cuda")
 
     qcfg = QuantVLAConfig.pi05_mlp(kernel=args.kernel)
-    ref, bf16 = measure("inductor_bf16", lambda: torch.compile(model.sample_actions), obs, noise)
+    ref, bf16 = measure("inductor_bf16", lambda: torch.compile(model.sample_actions), obs, noise,
+                         not args.no_warm_compile)
     torch._dynamo.reset()
     out, quant = measure("quantvla", lambda: torch.compile(model.sample_actions, backend="quantvla",
-                                                             options=qcfg.to_options()), obs, noise)
+                                                             options=qcfg.to_options()), obs, noise,
+                          not args.no_warm_compile)
     from torchao.quantization.utils import compute_error
 
     sel = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and qcfg.match(n)[0]]
