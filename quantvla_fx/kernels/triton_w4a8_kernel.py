@@ -13,6 +13,10 @@ Two ways of matching the two nibbles of a byte with their activations (``INTERLE
     reordering.
   * True: the two nibbles are interleaved back into K order in registers (join + reshape) and one
     dot runs against x read as int8.
+
+Known limit (Triton 3.6, H200): Triton issues an int8 wgmma synchronously (its pipeliner makes
+a dot async only with an fp32 accumulator), so MMA never overlaps the next tile's decode within
+a CTA; at M ~ 1000 the kernel only matches cuBLAS bf16.  Async wgmma needs Gluon or CUDA.
 """
 from __future__ import annotations
 
