@@ -101,8 +101,13 @@ def main():
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, device="cuda")
 
     qcfg = QuantVLAConfig.pi05_mlp(kernel=args.kernel)
+    slug = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "_")
+    os.makedirs(os.path.join(args.out, slug), exist_ok=True)
+    path = os.path.join(args.out, slug, f"bench_pi05_h{cfg.action_horizon}.json")
     ref, bf16 = measure("inductor_bf16", lambda: torch.compile(model.sample_actions), obs, noise,
                          not args.no_warm_compile)
+    with open(path, "w") as f:  # partial result: survives a time-out in the second variant
+        json.dump({"gpu": torch.cuda.get_device_name(), "inductor_bf16": bf16}, f, indent=1)
     torch._dynamo.reset()
     out, quant = measure("quantvla", lambda: torch.compile(model.sample_actions, backend="quantvla",
                                                              options=qcfg.to_options()), obs, noise,
@@ -120,9 +125,7 @@ def main():
         "weight_bytes_bf16": bf16_bytes, "weight_bytes_w4": w4_bytes, "weight_bytes_ratio": w4_bytes / bf16_bytes,
         "action_sqnr_db_vs_bf16": float(compute_error(ref.float(), out.float())),
     }
-    slug = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "_")
-    os.makedirs(os.path.join(args.out, slug), exist_ok=True)
-    with open(os.path.join(args.out, slug, f"bench_pi05_h{cfg.action_horizon}.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=1))
 
