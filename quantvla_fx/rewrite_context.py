@@ -54,6 +54,7 @@ class RewriteContext:
         self.derived: list[DerivedInput] = []
         self.derived_values: list[torch.Tensor] = []
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self._position = {n: i for i, n in enumerate(self.placeholders)}
         self._names: set[str] = {n.name for n in gm.graph.nodes}
 
     @property
@@ -61,7 +62,7 @@ class RewriteContext:
         return [s for s in self.sites if s.record.quantized]
 
     def input_position(self, node: fx.Node) -> Optional[int]:
-        return self.placeholders.index(node) if node in self.placeholders else None
+        return self._position.get(node)
 
     def add_derived(self, names: tuple[str, ...], sources: tuple[int, ...], compute, key) -> list[fx.Node]:
         """Register weight-derived inputs and return their new placeholder nodes."""
