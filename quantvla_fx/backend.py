@@ -90,7 +90,7 @@ def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
     elif not ctx.derived:
         return compile_fx(new_gm, list(example_inputs), config_patches=patches)
     else:
-        compiled = compile_fx(new_gm, list(example_inputs) + ctx.derived_values, config_patches=patches)
+        compiled = compile_fx(new_gm, list(example_inputs) + _static_fakes(ctx.derived_values), config_patches=patches)
     provider = DerivedInputProvider(ctx.derived)
 
     def run(*args):
@@ -99,6 +99,20 @@ def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
     run.quantvla_report = ctx.report  # for tests and debugging
     run.quantvla_provider = provider
     return run
+
+
+def _static_fakes(values: list) -> list:
+    """The derived inputs as static-shaped fakes of the tracing context's fake mode.
+
+    AOTAutograd fakifies a real input that Dynamo did not track with dynamic sizes and no
+    source; a guard Inductor later puts on such a size (e.g. its 32-bit indexing check) cannot
+    be expressed by Dynamo (IndexError in produce_guards, seen on torch 2.11 with full-size
+    Pi0.5).  Fakes from AOT's own mode are used as they are, with static shapes.
+    """
+    tc = torch._guards.TracingContext.try_get()
+    if tc is None or tc.fake_mode is None:
+        return list(values)
+    return [tc.fake_mode.from_tensor(v, static_shapes=True) for v in values]
 
 
 _pack_cache: dict[str, Any] = {}
