@@ -23,7 +23,7 @@ def plot_ops(path: str) -> str:
         xs = range(len(rs))
         width = 0.8 / (len(variants) + 1)
         ax.bar([x - 0.4 + width / 2 for x in xs], [r["inductor_bf16_us"] / r["cublas_bf16_us"] for r in rs], width,
-               label="Inductor bf16 (vs cuBLAS)")
+               label="cuBLAS bf16, linear alone (no norm)")
         for i, v in enumerate(variants):
             ax.bar([x - 0.4 + width * (i + 1.5) for x in xs],
                    [(r["inductor_bf16_us"] / r[f"{v}_us"]) if r.get(f"{v}_us") else 0 for r in rs], width, label=v)
