@@ -62,7 +62,8 @@ def _fingerprint(t):
         return None
     import hashlib
 
-    return hashlib.sha1(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    t = t.detach().cpu().contiguous()
+    return hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def quantize_weights(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:

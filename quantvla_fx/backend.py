@@ -60,6 +60,14 @@ def _check_kernel_available(config: QuantVLAConfig, example_inputs) -> None:
                                "Use kernel='auto' to fall back to a kernel that can.")
 
 
+def _configure_kernels(config: QuantVLAConfig) -> None:
+    """Hand the user's BitBLAS tuning switches to that kernel (only when they were set)."""
+    if config.kernel in ("auto", "bitblas") and (config.enable_tuning or config.opt_m):
+        from .kernels import bitblas
+
+        bitblas.configure(enable_tuning=config.enable_tuning or None, opt_m=config.opt_m or None)
+
+
 def rewrite(gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig):
     """Run the passes on a clone of Dynamo's graph; returns (rewritten gm, context)."""
     from .rewrite_context import RewriteContext
@@ -83,6 +91,7 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig):
 def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None, mode: Optional[str] = None):
     config = QuantVLAConfig.from_options(options)
     _check_kernel_available(config, example_inputs)
+    _configure_kernels(config)
     new_gm, ctx = rewrite(gm, example_inputs, config)
     patches = _inductor_patches(mode)
     if config.lowering == "eager":

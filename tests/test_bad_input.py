@@ -130,3 +130,13 @@ def test_pi05_default_selection_matches_the_seeds():
                  "paligemma_with_expert.paligemma.model.vision_tower.vision_model.encoder.layers.0.mlp.fc1",
                  "paligemma_with_expert.paligemma.lm_head"):
         assert not c.match(name)[0], name
+
+
+def test_bitblas_tuning_switches_reach_the_kernel(monkeypatch):
+    from quantvla_fx.kernels import bitblas
+
+    seen = {}
+    monkeypatch.setattr(bitblas, "configure", lambda **kw: seen.update(kw))
+    cfg = QuantVLAConfig.from_env({"OPENPI_BITBLAS_ENABLE_TUNING": "1", "OPENPI_BITBLAS_OPT_M": "16,64"}, include=(".*",))
+    torch.compile(Odd(32), backend="quantvla", options=cfg.to_options())(torch.randn(2, 32))
+    assert seen == {"enable_tuning": True, "opt_m": (16, 64)}
