@@ -13,6 +13,7 @@ No pass keeps tensors in the graph: every transform tensor is a derived graph in
 """
 from __future__ import annotations
 
+import logging
 import operator
 from typing import Optional
 
@@ -21,6 +22,8 @@ import torch.fx as fx
 
 from quantvla_fx.graph_utils import LINEAR_TARGETS, param_fqn
 from quantvla_fx.rewrite_context import GroupSite, RewriteContext
+
+log = logging.getLogger("quantvla_fx")
 
 _CASTS = {"to", "float", "type_as", "bfloat16", "half", "contiguous"}
 _MULS = {operator.mul, torch.mul}
@@ -50,6 +53,13 @@ def fold_duquant(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
             s.pack = p
         for sub in _split_by_transform(ctx, group):
             _plan_group(gm, ctx, sub)
+    if ctx.kept and not any(s.pack is not None for s in ctx.kept) and len(ctx.packs):
+        # Almost always a naming mismatch (e.g. a "model." prefix): say so instead of silently using RTN.
+        msg = (f"DuQuant packs were given but none of their {len(ctx.packs)} layers matches the "
+               f"{len(ctx.kept)} selected linears of graph {ctx.graph_id} (packs name e.g. "
+               f"{next(iter(ctx.packs))!r}, the graph {ctx.kept[0].record.fqn!r}); these run round-to-nearest")
+        log.warning("quantvla: %s", msg)
+        ctx.report.notes.append(msg)
     return gm
 
 

@@ -72,3 +72,14 @@ def test_pack_with_wrong_in_features_names_layer(outlier_model_and_packs):
     bad = Packs({k: v for k, v in packs.items() if k != fqn} | {"layers.0.mlp.gate_proj": packs["layers.0.mlp.down_proj"]})
     with pytest.raises(Exception, match=r"layers\.0\.mlp\.(gate_proj|up_proj)"):
         _run(m, torch.randn(1, 4, 256), packs=bad, lowering="eager")
+
+
+def test_packs_that_match_no_linear_warn(outlier_model_and_packs, caplog):
+    m, packs = outlier_model_and_packs
+    renamed = Packs([type(lp)(**{**lp.__dict__, "fqn": "model." + lp.fqn}) for lp in packs.values()])
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="quantvla_fx"):
+        _run(m, torch.randn(1, 4, 256), packs=renamed, lowering="eager")
+    assert "none of their 6 layers matches the 6 selected linears" in caplog.text
+    assert "'model.layers.0.mlp.gate_proj'" in caplog.text
