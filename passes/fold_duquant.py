@@ -2,8 +2,10 @@
 
 Per group (linears reading one activation) the pack's transform is  x -> x/s -> R1 -> P -> R2.
 * Smoothing ``1/s`` is folded, exactly, into the op before when the pattern allows:
-  - a Gemma RMSNorm ``normed * (1 + w)`` whose weight is a graph input used only there:
-    ``w' = (1 + w)/s - 1`` becomes a derived graph input (recomputed if w changes);
+  - a Gemma RMSNorm ``normed * (1 + w)`` whose weight is a graph input: ``w' = (1 + w)/s - 1``
+    becomes a derived graph input (recomputed if w changes) for this use;
+  - an adaRMS norm ``normed * (1 + scale) + shift`` with ``[scale|shift|gate] = dense(cond)``:
+    the scale and shift rows of dense's weight and bias (gate rows untouched);
   - an elementwise product with a linear's output (GeGLU ``act(gate) * up`` feeding down_proj):
     the up linear's output rows are divided by s (its weight recipe absorbs ``diag(1/s)``).
   Otherwise ``x / s`` runs online, where Inductor fuses it with the norm and the quantization.
@@ -91,7 +93,8 @@ def _plan_group(gm: fx.GraphModule, ctx: RewriteContext, group: GroupSite) -> No
     notes: list[str] = []
     smooth_online = t.smooth is not None
     if t.smooth is not None and ctx.config.duquant_fold:
-        where = _fold_into_norm(gm, ctx, group) or _fold_into_producer_rows(ctx, group)
+        where = (_fold_into_norm(gm, ctx, group) or _fold_into_adarms(ctx, group)
+                 or _fold_into_producer_rows(ctx, group))
         if where:
             smooth_online = False
             notes.append(f"smoothing folded into {where}")
@@ -189,16 +192,37 @@ def _is_add(n) -> bool:
     return isinstance(n, fx.Node) and ((n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target == "add"))
 
 
-def _group_mul(group: GroupSite) -> Optional[fx.Node]:
-    """The elementwise product whose (cast) output is the group input and feeds nothing else."""
+def _group_producer(group: GroupSite) -> Optional[fx.Node]:
+    """The op whose (cast) output is the group input, if that output feeds only the group."""
     members = {s.node for s in group.members}
     x = group.input_node
     if not _only_feeds(x, members):
         return None
     node, _ = _strip_casts(x.args[0], True) if (x.op == "call_method" and x.target in _CASTS) else (x, [])
-    if node is not x and len(node.users) != 1:
-        return None
+    return node if node is x or len(node.users) == 1 else None
+
+
+def _group_mul(group: GroupSite) -> Optional[fx.Node]:
+    node = _group_producer(group)
     return node if _is_mul(node) and len(node.users) == 1 else None
+
+
+def _one_plus(node) -> Optional[fx.Node]:
+    """For ``1 + e`` (through casts, single use) return e, else None."""
+    add, _ = _strip_casts(node)
+    if not _is_add(add) or len(add.users) != 1:
+        return None
+    a, b = add.args[:2]
+    one, expr = (a, b) if isinstance(a, (int, float)) else (b, a)
+    return expr if isinstance(one, (int, float)) and float(one) == 1.0 and isinstance(expr, fx.Node) else None
+
+
+def _first_use_in_chain(src: fx.Node, expr: fx.Node) -> fx.Node:
+    """The node of the single-use cast chain ``src -> ... -> expr`` that reads ``src``."""
+    node = expr
+    while node.args and node.args[0] is not src:
+        node = node.args[0]
+    return node
 
 
 def _fold_into_norm(gm: fx.GraphModule, ctx: RewriteContext, group: GroupSite) -> Optional[str]:
@@ -207,16 +231,12 @@ def _fold_into_norm(gm: fx.GraphModule, ctx: RewriteContext, group: GroupSite) -
     if mul is None:
         return None
     for operand in mul.args[:2]:
-        add, casts = _strip_casts(operand)
-        if not _is_add(add) or len(add.users) != 1:
+        wexpr = _one_plus(operand)
+        if wexpr is None:
             continue
-        a, b = add.args[:2]
-        one, wexpr = (a, b) if isinstance(a, (int, float)) else (b, a)
-        if not isinstance(one, (int, float)) or float(one) != 1.0:
-            continue
-        w, wcasts = _strip_casts(wexpr)
+        w, _ = _strip_casts(wexpr)
         pos = ctx.input_position(w) if isinstance(w, fx.Node) else None
-        if pos is None or len(w.users) != 1 or not isinstance(ctx.example_inputs[pos], torch.Tensor):
+        if pos is None or not isinstance(ctx.example_inputs[pos], torch.Tensor):
             continue
         real = ctx.example_inputs[pos]
         if real.dim() != 1 or real.shape[0] != group.transform.in_features:
@@ -228,10 +248,75 @@ def _fold_into_norm(gm: fx.GraphModule, ctx: RewriteContext, group: GroupSite) -
 
         name = param_fqn(w) or w.name
         (new,) = ctx.add_derived((f"qv_{w.name}_smoothed",), (pos,), fold, ("duquant-norm-fold", group.transform.fingerprint()))
-        consumer = next(iter(w.users))
+        # Only this use: the same norm weight may be read elsewhere (another call of the module).
+        consumer = _first_use_in_chain(w, _one_plus(operand))
         consumer.replace_input_with(w, new)
         return f"norm weight {name} ((1+w)/s − 1)"
     return None
+
+
+_VIEWS = {"unsqueeze"}
+
+
+def _fold_into_adarms(ctx: RewriteContext, group: GroupSite) -> Optional[str]:
+    """normed·(1+scale) + shift with [scale|shift|gate] = dense(cond): divide the scale and shift
+    rows of ``dense`` by s (``W_s/s``, ``(b_s+1)/s − 1``; ``W_h/s``, ``b_h/s``); gate rows stay."""
+    top = _group_producer(group)
+    if not _is_add(top):
+        return None
+    k = group.transform.in_features
+    kept = {s.node for s in ctx.kept}
+    for mul_arg, shift_arg in ((top.args[0], top.args[1]), (top.args[1], top.args[0])):
+        mul, _ = _strip_casts(mul_arg)
+        shift, _ = _strip_casts(shift_arg)
+        if not _is_mul(mul) or len(mul.users) != 1 or not _is_getitem(shift, 1):
+            continue
+        for operand in mul.args[:2]:
+            scale_expr = _one_plus(operand)
+            scale = _strip_casts(scale_expr)[0] if scale_expr is not None else None
+            if not _is_getitem(scale, 0) or scale.args[0] is not shift.args[0]:
+                continue
+            dense = _dense_of_chunk(scale.args[0])
+            if dense is None or dense in kept:
+                continue
+            _, w, b = (dense.args + (None,) * 3)[:3]
+            pw, pb = ctx.input_position(w), ctx.input_position(b) if isinstance(b, fx.Node) else None
+            if pw is None or pb is None or tuple(ctx.example_inputs[pw].shape)[0] != 3 * k:
+                continue
+            s = group.transform.smooth
+
+            def fold(wt, bt, s=s):
+                sd = s.to(wt.device, torch.float64)
+                w2, b2 = wt.double().clone(), bt.double().clone()
+                w2[: 2 * k] /= torch.cat((sd, sd))[:, None]
+                b2[:k] = (b2[:k] + 1.0) / sd - 1.0
+                b2[k : 2 * k] /= sd
+                return w2.to(wt.dtype), b2.to(bt.dtype)
+
+            new_w, new_b = ctx.add_derived((f"qv_{w.name}_smoothed", f"qv_{b.name}_smoothed"), (pw, pb), fold,
+                                           ("duquant-adarms-fold", group.transform.fingerprint()))
+            dense.replace_input_with(w, new_w)
+            dense.replace_input_with(b, new_b)
+            return f"adaRMS {param_fqn(w) or w.name} (scale and shift rows)"
+    return None
+
+
+def _is_getitem(node, index: int) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+            and node.args[1] == index and len(node.users) == 1)
+
+
+def _dense_of_chunk(chunk) -> Optional[fx.Node]:
+    """chunk(dense(cond)[.unsqueeze(..)], 3, dim=-1) -> the dense linear call."""
+    is_chunk = isinstance(chunk, fx.Node) and (
+        (chunk.op == "call_function" and chunk.target is torch.chunk) or (chunk.op == "call_method" and chunk.target == "chunk"))
+    if not is_chunk or chunk.args[1] != 3 or chunk.kwargs.get("dim", chunk.args[2] if len(chunk.args) > 2 else 0) not in (-1,):
+        return None
+    node = chunk.args[0]
+    while isinstance(node, fx.Node) and ((node.op == "call_method" and node.target in _VIEWS | _CASTS) and len(node.users) == 1):
+        node = node.args[0]
+    ok = isinstance(node, fx.Node) and node.op == "call_function" and node.target in LINEAR_TARGETS and len(node.users) == 1
+    return node if ok else None
 
 
 def _fold_into_producer_rows(ctx: RewriteContext, group: GroupSite) -> Optional[str]:

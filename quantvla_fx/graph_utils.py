@@ -38,11 +38,16 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def normalize_fqn(path: str) -> str:
-    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``."""
+    """``L['self'].model.layers[0]._modules['mlp']`` -> ``model.layers.0.mlp``;
+    ``L['fn'].__self__.model…`` (a compiled bound method) -> ``model…``."""
     path = _MODULE_ACCESS.sub(lambda m: "." + m.group(1), path)
     path = _ROOT.sub("", path)
     path = _INDEX.sub(lambda m: "." + m.group(1), path)
-    return re.sub(r"\.+", ".", path).strip(".")
+    path = re.sub(r"\.+", ".", path).strip(".")
+    # A compiled bound method (torch.compile(policy.sample_actions)) is rooted at fn.__self__.
+    while path.startswith("__self__"):
+        path = path[len("__self__"):].lstrip(".")
+    return path
 
 
 def call_site_fqn(node: fx.Node) -> Optional[str]:

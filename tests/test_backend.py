@@ -120,3 +120,13 @@ def test_activation_quant_fuses_into_norm_kernel():
     kernels = [line for line in code.splitlines() if "async_compile.cpp_pybinding" in line]
     assert len(kernels) == 1, kernels  # norm + amax + round + int8 cast in one kernel, no standalone quant
     assert "rsqrt" in kernels[0] and "round" in kernels[0] and "amax" in kernels[0]
+
+
+def test_compiled_bound_method_names_linears_from_the_module():
+    model = init_toy_gemma(ToyGemma(layers=1)).eval()
+    fn = torch.compile(model.forward, backend="quantvla", options={**ALL, "lowering": "eager"})
+    fn(torch.randn(1, 4, 64))
+    from quantvla_fx.backend import report_book
+
+    fqns = [r.fqn for r in report_book(None).graphs[-1].linears]
+    assert "layers.0.mlp.gate_proj" in fqns, fqns
