@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 from torchao.quantization.utils import compute_error
 
-from quantvla_fx.duquant.transform import rotate_weight_rows
+from quantvla_fx.duquant.transform import rotate_weight_rows, tensor_fingerprint
 from quantvla_fx.quant.int4_pack import unpack_int4
 from quantvla_fx.quant.weights import dequantize_weight, pack_weight
 from quantvla_fx.rewrite_context import RewriteContext
@@ -29,7 +29,7 @@ class WeightRecipe:
         self.row_div = row_div
         self.key = ("w4a8-int4", group_size, float(clip),
                     transform.fingerprint() if transform is not None else None,
-                    _fingerprint(out_rot), _fingerprint(row_div))
+                    tensor_fingerprint(out_rot), tensor_fingerprint(row_div))
 
     def transformed(self, w: torch.Tensor) -> torch.Tensor:
         wf = w.detach().to(torch.float32)
@@ -55,15 +55,6 @@ class WeightRecipe:
     def __call__(self, w: torch.Tensor):
         pw = pack_weight(self.transformed(w), self.group_size, self.clip)
         return pw.packed, pw.scale
-
-
-def _fingerprint(t):
-    if t is None:
-        return None
-    import hashlib
-
-    t = t.detach().cpu().contiguous()
-    return hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode() + t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def quantize_weights(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:

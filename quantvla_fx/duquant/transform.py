@@ -67,6 +67,15 @@ def restore_output(y: Tensor, out_rot: Tensor) -> Tensor:
     return block_rotate(y, out_rot.to(device=y.device, dtype=y.dtype))
 
 
+def tensor_fingerprint(t: Optional[Tensor]) -> Optional[str]:
+    """sha1 of a tensor's dtype, shape and bytes (None for None): a stable cache-key part."""
+    if t is None:
+        return None
+    h = hashlib.sha1()
+    _hash_tensor(h, "t", t)
+    return h.hexdigest()
+
+
 def _hash_tensor(h, name: str, t: Optional[Tensor]) -> None:
     if t is None:
         h.update(f"{name}:none;".encode())
