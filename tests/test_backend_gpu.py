@@ -1,4 +1,11 @@
-"""The backend on a CUDA device: every kernel gives the eager-rewrite result (skips without CUDA)."""
+"""The backend on a CUDA device (skips without CUDA).
+
+Kernels must not change results: the same compiled graph with any kernel equals it with the exact
+reference kernel.  Compiled vs the eagerly run rewrite differs more on GPU than on CPU: Inductor's
+fused norm and attention round differently from eager, which moves a few int8 rounding
+boundaries (seen on an H200: up to 4e-3 relative in fp32 for a 2-layer toy), so that comparison
+gets a looser bound.
+"""
 import pytest
 import torch
 
@@ -9,19 +16,38 @@ from quantvla_fx.testing import ToyGemma, init_toy_gemma
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("kernel", ["auto", "triton", "bitblas", "reference"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_compiled_cuda_matches_eager_rewrite(kernel, dtype):
-    if kernel != "auto" and kernel_unavailable_reason(kernel, torch.device("cuda")):
-        pytest.skip(kernel_unavailable_reason(kernel, torch.device("cuda")))
+def _model_and_input(dtype):
     torch.backends.cuda.matmul.allow_tf32 = False
     m = init_toy_gemma(ToyGemma(dim=256, hidden=512, layers=2, heads=4, head_dim=64)).cuda().to(dtype).eval()
-    x = torch.randn(2, 50, 256, device="cuda", dtype=dtype)
-    opts = QuantVLAConfig.all_linears(kernel=kernel).to_options()
+    x = torch.randn(2, 50, 256, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(0))
+    return m, x
+
+
+def _run(m, x, **opts):
+    torch._dynamo.reset()
     with torch.no_grad():
-        want = torch.compile(m, backend="quantvla", options={**opts, "kernel": "reference", "lowering": "eager"})(x)
-        torch._dynamo.reset()
-        got = torch.compile(m, backend="quantvla", options=opts)(x)
-    rel = float((got.float() - want.float()).norm() / want.float().norm())
-    # bf16: Inductor's fused norm rounds differently from eager, moving some int8 rounding boundaries.
-    assert rel <= (1e-5 if dtype == torch.float32 else 3e-2), rel
+        return torch.compile(m, backend="quantvla", options=QuantVLAConfig.all_linears(**opts).to_options())(x)
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("kernel", ["auto", "triton", "bitblas"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_does_not_change_the_result(kernel, dtype):
+    if kernel != "auto" and kernel_unavailable_reason(kernel, torch.device("cuda")):
+        pytest.skip(kernel_unavailable_reason(kernel, torch.device("cuda")))
+    m, x = _model_and_input(dtype)
+    want = _run(m, x, kernel="reference")
+    got = _run(m, x, kernel=kernel)
+    # Exact int32 products; only the epilogue's multiplication order (and bf16 output rounding) differs.
+    assert _rel(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_close_to_eager_rewrite(dtype):
+    m, x = _model_and_input(dtype)
+    eager = _run(m, x, kernel="reference", lowering="eager")
+    compiled = _run(m, x)
+    assert _rel(compiled, eager) <= (1e-2 if dtype == torch.float32 else 3e-2)
