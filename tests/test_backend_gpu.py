@@ -42,7 +42,7 @@ def test_kernel_does_not_change_the_result(kernel, dtype):
     want = _run(m, x, kernel="reference")
     got = _run(m, x, kernel=kernel)
     # Exact int32 products; only the epilogue's multiplication order (and bf16 output rounding) differs.
-    assert _rel(got, want) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    assert _rel(got, want) <= (1e-6 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
