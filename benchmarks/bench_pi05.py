@@ -23,19 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import time_us  # noqa: E402
 
 from quantvla_fx import QuantVLAConfig  # noqa: E402
-from quantvla_fx.models.pi05 import IMAGE_KEYS, Observation, Pi05, Pi05Config, apply_dtype_policy  # noqa: E402
+from quantvla_fx.models.pi05 import Pi05, Pi05Config, apply_dtype_policy  # noqa: E402
+from quantvla_fx.models.pi05.observation import random_observation  # noqa: E402
 from quantvla_fx.models.pi05.initialization import init_weights  # noqa: E402
-
-
-def random_observation(cfg: Pi05Config, batch: int, device) -> Observation:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    size = cfg.vision.image_size
-    images = {k: (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device) for k in IMAGE_KEYS}
-    masks = {k: torch.ones(batch, dtype=torch.bool, device=device) for k in IMAGE_KEYS}
-    tokens = torch.randint(0, 1000, (batch, cfg.max_token_len), generator=g).to(device)
-    tmask = torch.zeros(batch, cfg.max_token_len, dtype=torch.bool, device=device)
-    tmask[:, :48] = True
-    return Observation(images, masks, torch.zeros(batch, 32, device=device), tokens, tmask)
 
 
 def events_us(fn, reps=30):

@@ -11,20 +11,16 @@ the stacks for a quick check (also on the CPU with ``--device cpu``).
 """
 import argparse
 import logging
-import os
-import sys
 import time
 
 import torch
 from torchao.quantization.utils import compute_error
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from bench_pi05 import random_observation  # noqa: E402
-
-from quantvla_fx import QuantVLAConfig  # noqa: E402
-from quantvla_fx.backend import report_book  # noqa: E402
-from quantvla_fx.models.pi05 import Pi05, Pi05Config, apply_dtype_policy  # noqa: E402
-from quantvla_fx.models.pi05.initialization import init_weights  # noqa: E402
+from quantvla_fx import QuantVLAConfig
+from quantvla_fx.backend import report_book
+from quantvla_fx.models.pi05 import Pi05, Pi05Config, apply_dtype_policy
+from quantvla_fx.models.pi05.initialization import init_weights
+from quantvla_fx.models.pi05.observation import random_observation
 
 
 def main():

@@ -126,3 +126,16 @@ def _check_image(key: str, image: torch.Tensor, batch: int, size: int, channels:
                          f"resizing is not implemented, resize with padding to {size}x{size} first "
                          "(openpi's resize_with_pad)")
     return image
+
+
+def random_observation(cfg, batch: int, device, valid_tokens: int = 48) -> "Observation":
+    """Random images in [-1, 1], all cameras present, random prompt ids (``valid_tokens`` valid):
+    inputs for benchmarks and examples without a dataset."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    size = cfg.vision.image_size
+    images = {k: (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device) for k in IMAGE_KEYS}
+    masks = {k: torch.ones(batch, dtype=torch.bool, device=device) for k in IMAGE_KEYS}
+    tokens = torch.randint(0, min(1000, cfg.vocab_size), (batch, cfg.max_token_len), generator=g).to(device)
+    tmask = torch.zeros(batch, cfg.max_token_len, dtype=torch.bool, device=device)
+    tmask[:, :valid_tokens] = True
+    return Observation(images, masks, torch.zeros(batch, 32, device=device), tokens, tmask)
