@@ -31,26 +31,22 @@ class WeightRecipe:
                     transform.fingerprint() if transform is not None else None,
                     tensor_fingerprint(out_rot), tensor_fingerprint(row_div))
 
-    def transformed(self, w: torch.Tensor) -> torch.Tensor:
-        wf = w.detach().to(torch.float32)
+    def _apply(self, w: torch.Tensor) -> torch.Tensor:
         if self.row_div is not None:
-            wf = wf / self.row_div.to(wf.device)[:, None]
+            w = w / self.row_div.to(w)[:, None]
         if self.transform is not None:
-            wf = self.transform.transform_weight(wf)
+            w = self.transform.transform_weight(w)
         if self.out_rot is not None:
-            wf = rotate_weight_rows(wf, self.out_rot).float()
-        return wf
+            w = rotate_weight_rows(w, self.out_rot)
+        return w
+
+    def transformed(self, w: torch.Tensor) -> torch.Tensor:
+        """The live weight in the transformed basis, fp32 (what gets quantized)."""
+        return self._apply(w.detach().to(torch.float32)).float()
 
     def float_weight(self, w: torch.Tensor):
         """The transformed weight in its own dtype (quantize=False: checks the algebra only)."""
-        wd = w.detach().to(torch.float64)
-        if self.row_div is not None:
-            wd = wd / self.row_div.to(wd)[:, None]
-        if self.transform is not None:
-            wd = self.transform.transform_weight(wd)
-        if self.out_rot is not None:
-            wd = rotate_weight_rows(wd, self.out_rot)
-        return (wd.to(w.dtype),)
+        return (self._apply(w.detach().to(torch.float64)).to(w.dtype),)
 
     def __call__(self, w: torch.Tensor):
         pw = pack_weight(self.transformed(w), self.group_size, self.clip)
