@@ -55,6 +55,7 @@ class WeightRecipe:
 
 def quantize_weights(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     gs = ctx.config.group_size
+    sqnr: dict = {}
     for site in ctx.kept:
         pack = site.pack
         recipe = WeightRecipe(
@@ -72,10 +73,9 @@ def quantize_weights(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
         site.w_packed, site.w_scale = ctx.add_derived(
             (f"qv_{name}_w4", f"qv_{name}_wscale"), (site.weight_pos,), recipe, recipe.key
         )
-        packed = site.w_packed.meta["example_value"]
-        # Report how much the int4 rounding alone loses on this weight (transformed basis).
-        real_packed, real_scale = ctx.derived_values[-2], ctx.derived_values[-1]
-        deq = dequantize_weight(unpack_int4(real_packed), real_scale)
-        site.record.sqnr_db = round(float(compute_error(recipe.transformed(site.weight), deq)), 2)
-        assert packed.shape[1] * 2 == site.record.in_features
+        if site.w_packed not in sqnr:
+            # How much the int4 rounding alone loses on this weight (transformed basis); once per pack.
+            deq = dequantize_weight(unpack_int4(ctx.derived_real[site.w_packed]), ctx.derived_real[site.w_scale])
+            sqnr[site.w_packed] = round(float(compute_error(recipe.transformed(site.weight), deq)), 2)
+        site.record.sqnr_db = sqnr[site.w_packed]
     return gm

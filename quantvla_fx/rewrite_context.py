@@ -53,6 +53,8 @@ class RewriteContext:
         self.groups: list[GroupSite] = []
         self.derived: list[DerivedInput] = []
         self.derived_values: list[torch.Tensor] = []
+        self.derived_real: dict[fx.Node, torch.Tensor] = {}  # placeholder -> its compile-time value
+        self._derived_nodes: dict[tuple, list[fx.Node]] = {}
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self._position = {n: i for i, n in enumerate(self.placeholders)}
         self._names: set[str] = {n.name for n in gm.graph.nodes}
@@ -65,14 +67,24 @@ class RewriteContext:
         return self._position.get(node)
 
     def add_derived(self, names: tuple[str, ...], sources: tuple[int, ...], compute, key) -> list[fx.Node]:
-        """Register weight-derived inputs and return their new placeholder nodes."""
+        """Register weight-derived inputs and return their placeholder nodes.
+
+        The same recipe on the same sources (a weight used at several call sites, e.g. the
+        unrolled denoise steps) gets one set of placeholders, computed once per call.
+        """
+        memo = self._derived_nodes.get((key, sources))
+        if memo is not None:
+            return memo
         spec = DerivedInput(tuple(self._unique(n) for n in names), sources, compute, key)
         values = PACK_CACHE.get(spec, [self.example_inputs[i] for i in sources])
         if len(values) != len(names):
             raise RuntimeError(f"quantvla: derived input {names} produced {len(values)} tensors")
         self.derived.append(spec)
         self.derived_values.extend(values)
-        return [add_input(self.gm, n, v, self.fake_mode) for n, v in zip(spec.names, values)]
+        nodes = [add_input(self.gm, n, v, self.fake_mode) for n, v in zip(spec.names, values)]
+        self.derived_real.update(zip(nodes, values))
+        self._derived_nodes[(key, sources)] = nodes
+        return nodes
 
     def _unique(self, name: str) -> str:
         base, i = name, 0

@@ -1,4 +1,6 @@
 """Packed weights are graph inputs looked up per call: no instance or edit ever sees stale packs."""
+import os
+
 import torch
 
 from quantvla_fx import QuantVLAConfig
@@ -72,3 +74,30 @@ def test_dynamic_token_count_does_not_recompile():
             torch._dynamo.mark_dynamic(x, 1) if t > 1 else None
             fn(x)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+class Twice(torch.nn.Module):
+    """One linear called at two sites (like the unrolled denoise steps of Pi0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 32, bias=False)
+
+    def forward(self, x):
+        return self.proj(torch.tanh(self.proj(x)))
+
+
+def test_a_weight_used_at_several_sites_is_packed_once(tmp_path):
+    m = Twice().eval()
+    x = torch.randn(3, 32)
+    dump = str(tmp_path)
+    fn = torch.compile(m, backend="quantvla", options={**OPTS, "lowering": "eager", "dump_dir": dump})
+    with torch.no_grad():
+        fn(x)
+    from quantvla_fx.backend import report_book
+
+    rep = report_book(dump).graphs[-1]
+    assert len(rep.quantized) == 2
+    # Both call sites read one packed weight and one scale: a single derived-input pair.
+    code = open(os.path.join(dump, "graph_%03d" % rep.graph, "05_substitute_ops.py")).read()
+    assert code.count("qv_proj_w4:") == 1 and "qv_proj_w4_1" not in code
