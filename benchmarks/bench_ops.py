@@ -22,25 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import time_us  # noqa: E402
 
 from quantvla_fx import QuantVLAConfig  # noqa: E402
-from quantvla_fx.testing import GemmaRMSNorm  # noqa: E402
+from quantvla_fx.models.pi05.config import Pi05Config  # noqa: E402
+from quantvla_fx.testing import NormLinear  # noqa: E402
 
-SHAPES = {  # name: (K, N)
-    "lm_gate_up": (2048, 16384),
-    "lm_down": (16384, 2048),
-    "expert_gate_up": (1024, 4096),
-    "expert_down": (4096, 1024),
-}
+SHAPES = Pi05Config.pi05_libero().mlp_gemm_shapes()  # name: (N, K)
 MS = (10, 50, 968)
-
-
-class NormLinear(torch.nn.Module):
-    def __init__(self, k, n):
-        super().__init__()
-        self.norm = GemmaRMSNorm(k)
-        self.proj = torch.nn.Linear(k, n, bias=False)
-
-    def forward(self, x):
-        return self.proj(self.norm(x))
 
 
 def gpu_slug() -> str:
@@ -59,7 +45,7 @@ def main():
     rows = []
     for name in args.shapes.split(","):
         torch._dynamo.reset()
-        k, n = SHAPES[name]
+        n, k = SHAPES[name]
         mod = NormLinear(k, n).cuda().to(torch.bfloat16).eval()
         with torch.no_grad():
             mod.proj.weight.normal_(0, k ** -0.5)

@@ -28,10 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from quantvla_fx.kernels import auto, bitblas_build, bitblas_env  # noqa: E402
 from quantvla_fx.kernels import bitblas as bb  # noqa: E402
 from quantvla_fx.kernels.registry import get_kernel  # noqa: E402
+from quantvla_fx.models.pi05.config import Pi05Config  # noqa: E402
 from quantvla_fx.quant.int4_pack import pack_int4  # noqa: E402
 
-SHAPES = {"lm_gate_up": (16384, 2048), "lm_down": (2048, 16384),
-          "expert_gate_up": (4096, 1024), "expert_down": (1024, 4096)}
+SHAPES = Pi05Config.pi05_libero().mlp_gemm_shapes()  # name: (N, K)
 
 
 def _ints(s):

@@ -25,24 +25,17 @@ import torch
 import triton
 
 from quantvla_fx.kernels.reference import ReferenceKernel
+from quantvla_fx.kernels.registry import m_bucket
+from quantvla_fx.models.pi05.config import Pi05Config
 from quantvla_fx.kernels.triton_w4a8 import TritonW4A8Kernel
 from quantvla_fx.kernels.triton_w4a8_configs import candidates
 from quantvla_fx.kernels.triton_w4a8_launch import TileConfig, launch
 from quantvla_fx.kernels.triton_w4a8_tune import random_problem, time_configs
 
-SHAPES = {  # name: (N, K)
-    "lm_gate_up": (16384, 2048),
-    "lm_down": (2048, 16384),
-    "expert_gate_up": (4096, 1024),
-    "expert_down": (1024, 4096),
-}
+SHAPES = Pi05Config.pi05_libero().mlp_gemm_shapes()  # name: (N, K)
 BENCH_M = (10, 50, 968)
 EXACT_M = (1, 10, 50, 968, 1024, 1500)
 L2_ROTATE_BYTES = 256 << 20  # weight copies per graph replay: more bytes than the 60 MB L2
-
-
-def _bucket(m: int) -> int:
-    return 1 << max(0, (m - 1).bit_length())
 
 
 def _compile_key(cfg: TileConfig) -> tuple:
@@ -71,7 +64,7 @@ def sweep_plan(sms: int) -> list[tuple[str, int, TileConfig]]:
     plan = []
     for name, (n, k) in SHAPES.items():
         for m in BENCH_M:
-            for cfg in candidates(n, k, _bucket(m), sms, wide=True):
+            for cfg in candidates(n, k, m_bucket(m), sms, wide=True):
                 plan.append((name, m, cfg))
     return plan
 
@@ -81,7 +74,7 @@ def phase_precompile(sms: int, workers: int) -> dict:
     uniq = {}
     for name, (n, k) in SHAPES.items():  # what the tuner times for the fused-epilogue kernel
         for m in BENCH_M + EXACT_M:
-            for cfg in candidates(n, k, _bucket(m), sms):
+            for cfg in candidates(n, k, m_bucket(m), sms):
                 uniq.setdefault(_compile_key(cfg), (n, k, cfg.to_dict(), True))
     for name, m, cfg in sweep_plan(sms):
         n, k = SHAPES[name]

@@ -25,6 +25,18 @@ class GemmaRMSNorm(nn.Module):
         return (normed * (1.0 + self.weight.to(dt))).to(x.dtype)
 
 
+class NormLinear(nn.Module):
+    """RMSNorm -> linear: the smallest pattern whose activation quantization should fuse into the norm."""
+
+    def __init__(self, k: int, n: int):
+        super().__init__()
+        self.norm = GemmaRMSNorm(k)
+        self.proj = nn.Linear(k, n, bias=False)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
 class ToyAttention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()

@@ -14,7 +14,7 @@ import quantvla_fx.ops  # noqa: F401
 from quantvla_fx import QuantVLAConfig
 from quantvla_fx.quant.activations import quantize_per_token
 from quantvla_fx.quant.weights import pack_weight
-from quantvla_fx.testing import GemmaRMSNorm, ToyGemma, init_toy_gemma
+from quantvla_fx.testing import NormLinear, ToyGemma, init_toy_gemma
 
 ALL = QuantVLAConfig.all_linears().to_options()
 
@@ -99,20 +99,10 @@ def test_groups_share_one_activation_quantization():
     assert len(report.quantized) == 7 and len(groups) == 4
 
 
-class NormLinear(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm = GemmaRMSNorm(64)
-        self.proj = torch.nn.Linear(64, 48, bias=False)
-
-    def forward(self, x):
-        return self.proj(self.norm(x))
-
-
 def test_activation_quant_fuses_into_norm_kernel():
     from torch._inductor.utils import run_and_get_code
 
-    model = NormLinear().eval()
+    model = NormLinear(64, 48).eval()
     fn = compile_q(model)
     with torch.no_grad():
         _, (code, *_) = run_and_get_code(fn, torch.randn(3, 64))

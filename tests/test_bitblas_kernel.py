@@ -4,14 +4,14 @@ import shutil
 import pytest
 import torch
 
+from quantvla_fx.models.pi05.config import Pi05Config
 from quantvla_fx.kernels import bitblas_build, bitblas_env
 from quantvla_fx.kernels import bitblas as bb
 from quantvla_fx.kernels.registry import get_kernel, resolve_kernel
 from quantvla_fx.quant.int4_pack import pack_int4
 
 CPU = torch.device("cpu")
-# Pi0.5 MLP GEMMs (N, K): LM gate/up, LM down, expert gate/up, expert down.
-PI05_SHAPES = [(16384, 2048), (2048, 16384), (4096, 1024), (1024, 4096)]
+PI05_SHAPES = list(Pi05Config.pi05_libero().mlp_gemm_shapes().values())  # (N, K) of the Pi0.5 MLP GEMMs
 MS = [1, 10, 50, 968, 1024, 1500]
 
 

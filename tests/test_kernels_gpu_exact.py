@@ -4,11 +4,13 @@ import torch
 
 import quantvla_fx.ops  # noqa: F401
 from quantvla_fx.kernels.registry import get_kernel, kernel_unavailable_reason
+from quantvla_fx.models.pi05.config import Pi05Config
 from quantvla_fx.quant.int4_pack import pack_int4
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-SHAPES = [(256, 256), (512, 256), (256, 512), (768, 256), (1024, 4096), (4096, 1024), (2048, 16384), (16384, 2048)]
+# Toy shapes (the GPU backend test's model) and the Pi0.5 MLP GEMMs, as (N, K).
+SHAPES = [(256, 256), (512, 256), (256, 512), (768, 256), *Pi05Config.pi05_libero().mlp_gemm_shapes().values()]
 MS = [1, 7, 10, 50, 100, 968, 1500]
 
 

@@ -144,3 +144,10 @@ def test_expert_norms_are_adaptive_only(full_model):
     assert not any(k.startswith(P + "gemma_expert.") and k.endswith("layernorm.weight") for k in keys)
     assert P + "gemma_expert.model.embed_tokens.weight" not in keys  # openpi sets it to None
     assert not any("position_ids" in k or "inv_freq" in k for k in keys)  # no persistent buffers
+
+
+def test_mlp_gemm_shapes_follow_the_config():
+    shapes = Pi05Config.pi05_libero().mlp_gemm_shapes()
+    assert shapes == {"lm_gate_up": (16384, 2048), "lm_down": (2048, 16384),
+                      "expert_gate_up": (4096, 1024), "expert_down": (1024, 4096)}
+    assert Pi05Config.tiny().mlp_gemm_shapes()["lm_down"] == (64, 128)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantvla_fx.models.pi05.config import Pi05Config
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +108,7 @@ def test_config_cache_roundtrip(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # GPU
 
-PI05_SHAPES = [(16384, 2048), (2048, 16384), (4096, 1024), (1024, 4096)]  # (N, K)
+PI05_SHAPES = list(Pi05Config.pi05_libero().mlp_gemm_shapes().values())  # (N, K) of the Pi0.5 MLP GEMMs
 gpu = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs CUDA and triton")
 
 

@@ -102,6 +102,12 @@ class Pi05Config:
         """Full size, action horizon 15."""
         return cls(action_horizon=15).with_overrides(**overrides)
 
+    def mlp_gemm_shapes(self) -> dict[str, tuple[int, int]]:
+        """(N, K) of the GEMMs W4A8 targets first: the GeGLU MLPs of the LM and the expert."""
+        lm, ex = self.llm, self.expert
+        return {"lm_gate_up": (lm.mlp_dim, lm.width), "lm_down": (lm.width, lm.mlp_dim),
+                "expert_gate_up": (ex.mlp_dim, ex.width), "expert_down": (ex.width, ex.mlp_dim)}
+
     @classmethod
     def preset(cls, name: str, **overrides) -> "Pi05Config":
         presets = {"tiny": cls.tiny, "pi05_tiny": cls.tiny, "pi05_base": cls.pi05_base,
