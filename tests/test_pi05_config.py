@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantvla_fx.config import ConfigError
+from quantvla_fx.models.pi05 import Pi05ConfigError as ConfigError
 from quantvla_fx.models.pi05 import GemmaConfig, Pi05, Pi05Config, VisionConfig
 from quantvla_fx.models.pi05.gemma import GemmaRMSNorm
 

@@ -2,10 +2,11 @@
 
 transform.py (the transform and its exact weight side), smooth.py, rotation.py, permutation.py
 (the math), collect.py + calibrate.py (statistics and the search), packs.py (our safetensors
-format, ``load_packs``), quantvla_npz.py (QuantVLA's per-layer ``.npz`` packs).
+format), quantvla_npz.py (QuantVLA's per-layer ``.npz`` packs), load.py (``load_packs``: either).
 """
 from .errors import PackError
-from .packs import LayerPack, Packs, load_packs
+from .load import load_packs
+from .packs import LayerPack, Packs
 from .transform import DuQuantTransform
 
 __all__ = ["DuQuantTransform", "LayerPack", "PackError", "Packs", "calibrate", "load_packs"]

@@ -7,7 +7,7 @@ File layout (one ``.safetensors`` file, no pickle anywhere):
   block size, alpha, bits, source, ...; the first four also as plain keys), ``groups`` (JSON:
   group -> in_features, block_size) and ``layers`` (JSON: fqn -> group, weight_clip, source).
 Layers of one group share one ``DuQuantTransform`` object, in memory and after a load.
-``load_packs`` also reads a directory of QuantVLA ``.npz`` packs (see quantvla_npz.py).
+``load.py`` picks the reader for a path (this format or QuantVLA's ``.npz``).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ LAYER_FIELDS = ("out_rot", "weight_scale")
 NPZ_SOURCE = "quantvla_npz:"
 ALL_LAYERS = "(all layers)"
 
-__all__ = ["PackError", "LayerPack", "Packs", "load_packs", "FORMAT", "FORMAT_VERSION", "PACK_FILENAME"]
+__all__ = ["PackError", "LayerPack", "Packs", "FORMAT", "FORMAT_VERSION", "PACK_FILENAME"]
 
 
 @dataclass(eq=False)
@@ -294,32 +294,3 @@ class Packs(Mapping[str, LayerPack]):
         packs.validate()
         return packs
 
-
-def load_packs(path) -> Packs:
-    """A Packs object, our ``.safetensors`` file, a directory holding one, a QuantVLA ``.npz``
-    file, or a directory of QuantVLA ``.npz`` per-layer packs."""
-    if isinstance(path, Packs):
-        return path
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        if path.endswith(".npz"):
-            from .quantvla_npz import load_quantvla_packs
-
-            return load_quantvla_packs([path])
-        return Packs.load(path)
-    if not os.path.isdir(path):
-        raise PackError.at(path, ALL_LAYERS, "path", "no such file or directory")
-    names = sorted(os.listdir(path))
-    ours = [n for n in names if n.endswith(".safetensors")]
-    npz = [n for n in names if n.endswith(".npz")]
-    if ours and npz:
-        raise PackError.at(path, ALL_LAYERS, "path", f"holds both safetensors {ours[:2]} and .npz packs; keep one kind")
-    if len(ours) > 1:
-        raise PackError.at(path, ALL_LAYERS, "path", f"holds several safetensors files {ours[:4]}; pass one file")
-    if ours:
-        return Packs.load(os.path.join(path, ours[0]))
-    if npz:
-        from .quantvla_npz import load_quantvla_packs
-
-        return load_quantvla_packs([os.path.join(path, n) for n in npz], source=path)
-    raise PackError.at(path, ALL_LAYERS, "path", "no .safetensors or .npz packs in this directory")

@@ -1,6 +1,6 @@
 """Plain-PyTorch Pi0.5 (openpi's PI0Pytorch with pi05=True), module names equal to openpi's."""
-from .checkpoint import CheckpointError, load_pi05, save_pi05
-from .config import GEMMA_VARIANTS, GemmaConfig, Pi05Config, VisionConfig
+from .checkpoint import CheckpointError, save_pi05
+from .config import GEMMA_VARIANTS, GemmaConfig, Pi05Config, Pi05ConfigError, VisionConfig
 from .dtype_policy import DTYPE_POLICIES, apply_dtype_policy
 from .model import Pi05
 from .observation import IMAGE_KEYS, Observation
@@ -14,8 +14,8 @@ __all__ = [
     "Observation",
     "Pi05",
     "Pi05Config",
+    "Pi05ConfigError",
     "VisionConfig",
     "apply_dtype_policy",
-    "load_pi05",
     "save_pi05",
 ]

@@ -20,12 +20,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from quantvla_fx.config import ConfigError
+from torch import nn
 
-from .config import Pi05Config
+from .config import Pi05Config, Pi05ConfigError
 from .dtype_policy import apply_dtype_policy, canonical_policy, cast_for_policy, param_dtype
 from .initialization import init_module
-from .model import Pi05
 from .paligemma import EMBED_KEY, LM_HEAD_KEY
 
 log = logging.getLogger("quantvla_fx")
@@ -91,7 +90,7 @@ def resolve_config(config: Pi05Config | str | os.PathLike | None, files: list[Pa
             return Pi05Config.from_json(text)
         try:
             return Pi05Config.preset(text)
-        except ConfigError as e:
+        except Pi05ConfigError as e:
             raise CheckpointError(f"config {text!r} is neither a config file nor a preset ({e})") from e
     beside = files[0].parent / CONFIG_NAME
     if beside.is_file():
@@ -103,7 +102,7 @@ def resolve_config(config: Pi05Config | str | os.PathLike | None, files: list[Pa
         log.info("Pi05: config from the header of %s", files[0])
         try:
             return Pi05Config.from_json(meta["config"])
-        except ConfigError as e:
+        except Pi05ConfigError as e:
             raise CheckpointError(f"{files[0]}: the config in its header is invalid ({e})") from e
     raise CheckpointError(f"no {CONFIG_NAME} beside {files[0]} and no config in its header; pass "
                           "config=Pi05Config.pi05_libero() (or a preset name such as 'pi05_base')")
@@ -131,9 +130,11 @@ def _fmt(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in shown) + more
 
 
-def load_pi05(path: str | os.PathLike, config: Pi05Config | str | None = None, strict: bool = True,
-              dtype_policy: str = "float32", device: torch.device | str = "cpu") -> Pi05:
-    """Build a :class:`Pi05` from a checkpoint.
+def load_checkpoint(model_cls, path: str | os.PathLike, config: Pi05Config | str | None = None, strict: bool = True,
+                    dtype_policy: str = "float32", device: torch.device | str = "cpu") -> nn.Module:
+    """Build ``model_cls(config)`` (a :class:`Pi05`) from a checkpoint; ``Pi05.from_pretrained`` calls this.
+
+    The class is passed in so that this module does not import the model (the model imports it).
 
     ``strict``: every model key must be present and nothing else (the tied embedding/lm_head
     pair counts as present if either name is). With ``strict=False`` missing parameters are
@@ -146,7 +147,7 @@ def load_pi05(path: str | os.PathLike, config: Pi05Config | str | None = None, s
     where = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
 
     with torch.device("meta"):
-        model = Pi05(cfg)
+        model = model_cls(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     index = _index_keys(files)
 
@@ -230,7 +231,7 @@ def _check_tied_pair(state: dict[str, torch.Tensor], index, strict: bool) -> Non
     state[LM_HEAD_KEY] = state[EMBED_KEY]
 
 
-def _materialize_missing(model: Pi05, device) -> None:
+def _materialize_missing(model: nn.Module, device) -> None:
     """Parameters that stayed on the meta device (non-strict load) get a random init."""
     for module in model.modules():
         own = list(module.parameters(recurse=False))
@@ -241,7 +242,7 @@ def _materialize_missing(model: Pi05, device) -> None:
 
 
 # ------------------------------------------------------------------------ saving
-def save_pi05(model: Pi05, directory: str | os.PathLike) -> str:
+def save_pi05(model: nn.Module, directory: str | os.PathLike) -> str:
     """Write ``model.safetensors`` (openpi layout: the tied embedding saved once, as
     ``...paligemma.lm_head.weight``, like safetensors' ``save_model``) and ``config.json``."""
     out = Path(directory)

@@ -7,7 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from quantvla_fx.config import ConfigError
+
+class Pi05ConfigError(ValueError):
+    """A Pi05Config value, preset or config file is invalid; the message names the field or file."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class Pi05Config:
         presets = {"tiny": cls.tiny, "pi05_tiny": cls.tiny, "pi05_base": cls.pi05_base,
                    "pi05_libero": cls.pi05_libero, "pi05_droid": cls.pi05_droid}
         if name not in presets:
-            raise ConfigError(f"unknown Pi05Config preset {name!r}; known: {sorted(presets)}")
+            raise Pi05ConfigError(f"unknown Pi05Config preset {name!r}; known: {sorted(presets)}")
         return presets[name](**overrides)
 
     def with_overrides(self, *, vision_layers: int | None = None, llm_depth: int | None = None,
@@ -122,7 +124,7 @@ class Pi05Config:
         and/or any top-level field replaced."""
         unknown = set(fields) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ConfigError(f"unknown Pi05Config field(s): {sorted(unknown)}")
+            raise Pi05ConfigError(f"unknown Pi05Config field(s): {sorted(unknown)}")
         cfg = self
         if vision_layers is not None:
             fields["vision"] = dataclasses.replace(fields.get("vision", cfg.vision), num_hidden_layers=vision_layers)
@@ -174,15 +176,15 @@ class Pi05Config:
                 with open(path_or_text) as f:
                     text = f.read()
             except OSError as e:
-                raise ConfigError(f"cannot read config file {source}: {e}") from e
+                raise Pi05ConfigError(f"cannot read config file {source}: {e}") from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{source}: not valid JSON ({e})") from e
+            raise Pi05ConfigError(f"{source}: not valid JSON ({e})") from e
         try:
             return cls.from_dict(data)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from e
+        except Pi05ConfigError as e:
+            raise Pi05ConfigError(f"{source}: {e}") from e
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Pi05Config":
@@ -190,11 +192,11 @@ class Pi05Config:
         format (``paligemma_variant``, ``action_expert_variant``, ``action_horizon``) and lerobot's
         ``config.json`` (``type: pi05``, ``chunk_size``, ``max_action_dim``)."""
         if not isinstance(d, Mapping):
-            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
+            raise Pi05ConfigError(f"config must be a JSON object, got {type(d).__name__}")
         if d.get("pi05") is False:
-            raise ConfigError("config has pi05=false: this is a pi0 model, which Pi05 does not implement")
+            raise Pi05ConfigError("config has pi05=false: this is a pi0 model, which Pi05 does not implement")
         if d.get("type") not in (None, "pi05"):
-            raise ConfigError(f"config type {d.get('type')!r} is not 'pi05'")
+            raise Pi05ConfigError(f"config type {d.get('type')!r} is not 'pi05'")
         kw: dict[str, Any] = {}
         kw["llm"] = _gemma_from(d, "llm", "paligemma_variant")
         kw["expert"] = _gemma_from(d, "expert", "action_expert_variant")
@@ -202,7 +204,7 @@ class Pi05Config:
             vision = dict(d["vision"])
             act = vision.pop("hidden_act", SUPPORTED_ACTIVATION)
             if act != SUPPORTED_ACTIVATION:
-                raise ConfigError(f"vision.hidden_act {act!r} is not supported (only {SUPPORTED_ACTIVATION!r})")
+                raise Pi05ConfigError(f"vision.hidden_act {act!r} is not supported (only {SUPPORTED_ACTIVATION!r})")
             kw["vision"] = _build(VisionConfig, vision, "vision")
         else:  # openpi/lerobot formats: SigLIP So400m projected to the LM width
             kw["vision"] = VisionConfig(projection_dim=kw["llm"].width)
@@ -223,21 +225,21 @@ def _gemma_from(d: Mapping[str, Any], key: str, variant_key: str) -> GemmaConfig
         return _build(GemmaConfig, d[key], key)
     variant = d.get(variant_key, "gemma_2b" if key == "llm" else "gemma_300m")
     if variant not in GEMMA_VARIANTS:
-        raise ConfigError(f"{variant_key} {variant!r} is unknown; known: {sorted(GEMMA_VARIANTS)}")
+        raise Pi05ConfigError(f"{variant_key} {variant!r} is unknown; known: {sorted(GEMMA_VARIANTS)}")
     return GEMMA_VARIANTS[variant]
 
 
 def _build(klass, values: Any, where: str):
     if not isinstance(values, Mapping):
-        raise ConfigError(f"{where} must be an object, got {type(values).__name__}")
+        raise Pi05ConfigError(f"{where} must be an object, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(klass)}
     unknown = set(values) - names
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(names)}")
+        raise Pi05ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(names)}")
     try:
         return klass(**values)
     except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from e
+        raise Pi05ConfigError(f"{where}: {e}") from e
 
 
 def _validate(cfg: Pi05Config) -> None:
@@ -245,26 +247,26 @@ def _validate(cfg: Pi05Config) -> None:
         for f in dataclasses.fields(g):
             v = getattr(g, f.name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name}.{f.name} must be a positive int, got {v!r}")
+                raise Pi05ConfigError(f"{name}.{f.name} must be a positive int, got {v!r}")
         if g.num_heads % g.num_kv_heads:
-            raise ConfigError(f"{name}.num_heads ({g.num_heads}) must be a multiple of num_kv_heads ({g.num_kv_heads})")
+            raise Pi05ConfigError(f"{name}.num_heads ({g.num_heads}) must be a multiple of num_kv_heads ({g.num_kv_heads})")
         if g.head_dim % 2:
-            raise ConfigError(f"{name}.head_dim must be even for RoPE, got {g.head_dim}")
+            raise Pi05ConfigError(f"{name}.head_dim must be even for RoPE, got {g.head_dim}")
     # The expert attends over the LM's cached K/V, so the KV layout must agree.
     if (cfg.llm.head_dim, cfg.llm.num_kv_heads) != (cfg.expert.head_dim, cfg.expert.num_kv_heads):
-        raise ConfigError("llm and expert must share head_dim and num_kv_heads (joint attention over the KV cache)")
+        raise Pi05ConfigError("llm and expert must share head_dim and num_kv_heads (joint attention over the KV cache)")
     if cfg.expert.depth > cfg.llm.depth:
-        raise ConfigError(f"expert.depth ({cfg.expert.depth}) exceeds llm.depth ({cfg.llm.depth}): no KV cache for the extra layers")
+        raise Pi05ConfigError(f"expert.depth ({cfg.expert.depth}) exceeds llm.depth ({cfg.llm.depth}): no KV cache for the extra layers")
     v = cfg.vision
     if v.hidden_size % v.num_attention_heads:
-        raise ConfigError(f"vision.hidden_size ({v.hidden_size}) must be divisible by num_attention_heads ({v.num_attention_heads})")
+        raise Pi05ConfigError(f"vision.hidden_size ({v.hidden_size}) must be divisible by num_attention_heads ({v.num_attention_heads})")
     if v.image_size % v.patch_size:
-        raise ConfigError(f"vision.image_size ({v.image_size}) must be a multiple of patch_size ({v.patch_size})")
+        raise Pi05ConfigError(f"vision.image_size ({v.image_size}) must be a multiple of patch_size ({v.patch_size})")
     if v.projection_dim != cfg.llm.width:
-        raise ConfigError(f"vision.projection_dim ({v.projection_dim}) must equal llm.width ({cfg.llm.width})")
+        raise Pi05ConfigError(f"vision.projection_dim ({v.projection_dim}) must equal llm.width ({cfg.llm.width})")
     for f in ("vocab_size", "action_dim", "action_horizon", "num_steps"):
         val = getattr(cfg, f)
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-            raise ConfigError(f"{f} must be a positive int, got {val!r}")
+            raise Pi05ConfigError(f"{f} must be a positive int, got {val!r}")
     if cfg.expert.width % 2:
-        raise ConfigError("expert.width must be even (sin/cos time embedding)")
+        raise Pi05ConfigError("expert.width must be even (sin/cos time embedding)")

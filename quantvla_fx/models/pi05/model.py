@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_checkpoint, save_pi05
 from .config import Pi05Config
 from .gemma import KVPair
 from .initialization import init_weights
@@ -183,15 +184,11 @@ class Pi05(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, config: Pi05Config | str | None = None, strict: bool = True,
                         dtype_policy: str = "float32", device: torch.device | str = "cpu") -> "Pi05":
         """Load openpi-converted (``model.safetensors``) or lerobot (``model.``-prefixed) weights.
-        See :func:`quantvla_fx.models.pi05.checkpoint.load_pi05`."""
-        from .checkpoint import load_pi05
-
-        return load_pi05(path, config=config, strict=strict, dtype_policy=dtype_policy, device=device)
+        See :func:`quantvla_fx.models.pi05.checkpoint.load_checkpoint`."""
+        return load_checkpoint(cls, path, config=config, strict=strict, dtype_policy=dtype_policy, device=device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write ``model.safetensors`` (openpi key layout) and ``config.json`` into ``directory``."""
-        from .checkpoint import save_pi05
-
         return save_pi05(self, directory)
 
 
