@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from typing import Any, Optional
 
 import torch
@@ -124,18 +125,31 @@ def _static_fakes(values: list) -> list:
     return [tc.fake_mode.from_tensor(v, static_shapes=True) for v in values]
 
 
-_pack_cache: dict[str, Any] = {}
+# Loaded packs by (path, what is on disk there): re-saving to the same path is seen at the next compile.
+_pack_cache: dict[tuple, Any] = {}
 
 
 def _load_packs(packs):
-    """Packs given as a path are loaded once per path; objects are used as they are."""
+    """Packs given as a path are loaded once per path and file state; objects are used as they are."""
     if packs is None or not isinstance(packs, (str, bytes)) and not hasattr(packs, "__fspath__"):
         return packs
-    import os
-
-    from .duquant.packs import load_packs
+    from .duquant.load import load_packs
 
     path = os.fspath(packs)
-    if path not in _pack_cache:
-        _pack_cache[path] = load_packs(path)
-    return _pack_cache[path]
+    key = (path, _disk_state(path))
+    if key not in _pack_cache:
+        for old in [k for k in _pack_cache if k[0] == path]:
+            del _pack_cache[old]
+        _pack_cache[key] = load_packs(path)
+    return _pack_cache[key]
+
+
+def _disk_state(path: str) -> tuple:
+    """(name, size, mtime_ns) of the file, or of every file in the folder."""
+    if not os.path.isdir(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ()
+        return ((os.path.basename(path), st.st_size, st.st_mtime_ns),)
+    return tuple(sum((_disk_state(os.path.join(path, n)) for n in sorted(os.listdir(path))), ()))
