@@ -4,19 +4,10 @@ A group gets one input transform and one activation quantization, shared by its 
 """
 from __future__ import annotations
 
-import os
-
 import torch.fx as fx
 
+from quantvla_fx.naming import group_name
 from quantvla_fx.rewrite_context import GroupSite, RewriteContext
-
-
-def group_name(fqns: list[str]) -> str:
-    if len(fqns) == 1:
-        return fqns[0]
-    prefix = os.path.commonprefix([f.split(".") for f in fqns])
-    tails = [".".join(f.split(".")[len(prefix):]) for f in fqns]
-    return ".".join(prefix + ["{" + ",".join(tails) + "}"])
 
 
 def group_inputs(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:

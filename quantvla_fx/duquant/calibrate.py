@@ -12,13 +12,13 @@ so adding or removing other layers does not change a group's transform.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..naming import group_name
 from .collect import InputCollector, stable_seed
 from .packs import FORMAT_VERSION, LayerPack, Packs
 from .permutation import zigzag_permutation
@@ -27,17 +27,6 @@ from .smooth import DEFAULT_ALPHA, smooth_scales, weight_column_max
 from .transform import DuQuantTransform, block_rotate
 
 log = logging.getLogger("quantvla_fx")
-
-
-def group_name(fqns: list[str]) -> str:
-    """``a.b.{gate_proj,up_proj}`` for several FQNs (the name passes/group_inputs.py gives the
-    same group), the FQN itself for one."""
-    if len(fqns) == 1:
-        return fqns[0]
-    parts = [f.split(".") for f in fqns]
-    prefix = os.path.commonprefix(parts)
-    tails = [".".join(p[len(prefix):]) for p in parts]
-    return ".".join(prefix + ["{" + ",".join(tails) + "}"])
 
 
 def _run_batch(model: nn.Module, batch: Any, run: Optional[Callable]) -> None:
