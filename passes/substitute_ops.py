@@ -49,11 +49,8 @@ def float_linear(x, w, bias):
 def choose_epilogue(ctx: RewriteContext, site: LinearSite) -> str:
     if not ctx.config.quantize:
         return "float"
-    if ctx.config.group_size > 0:
-        return "fused"  # per-group scales cannot be applied to a single int32 accumulator
-    if ctx.config.epilogue != "auto":
-        return ctx.config.epilogue
-    return "fused"
+    # (QuantVLAConfig refuses int32 with per-group scales: one accumulator cannot take them.)
+    return "fused" if ctx.config.epilogue == "auto" else ctx.config.epilogue
 
 
 def _token_hint(node: fx.Node) -> int:

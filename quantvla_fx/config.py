@@ -108,6 +108,9 @@ class QuantVLAConfig:
             raise ConfigError(f"kernel={self.kernel!r}: choose one of {KERNELS}")
         if self.epilogue not in EPILOGUES:
             raise ConfigError(f"epilogue={self.epilogue!r}: choose one of {EPILOGUES}")
+        if self.epilogue == "int32" and self.group_size > 0:
+            raise ConfigError(f"epilogue='int32' with group_size={self.group_size}: one int32 accumulator per output "
+                              "cannot take per-group weight scales; use epilogue='fused' (or 'auto') or group_size=-1")
         if self.lowering not in LOWERINGS:
             raise ConfigError(f"lowering={self.lowering!r}: choose one of {LOWERINGS}")
         set_("opt_m", tuple(int(m) for m in self.opt_m))

@@ -21,6 +21,13 @@ def test_invalid_regex_fails_at_config_creation():
         QuantVLAConfig(exclude=("[",))
 
 
+def test_int32_epilogue_with_group_scales_is_refused():
+    with pytest.raises(ConfigError, match=r"epilogue='int32' with group_size=64"):
+        QuantVLAConfig(epilogue="int32", group_size=64)
+    assert QuantVLAConfig(epilogue="fused", group_size=64).epilogue == "fused"
+    assert QuantVLAConfig(epilogue="int32").group_size == -1
+
+
 def test_unknown_option_keys_list_valid_keys():
     m = torch.nn.Linear(8, 8)
     with pytest.raises(Exception, match=r"unknown quantvla option\(s\) \['incldue'\]; valid keys: \[.*'include'"):

@@ -116,10 +116,6 @@ class DuQuantTransform:
 
     # -- properties --------------------------------------------------------------------------
     @property
-    def num_blocks(self) -> int:
-        return self.in_features // self.block_size
-
-    @property
     def has_rotation(self) -> bool:
         return self.rot1 is not None or self.perm is not None or self.rot2 is not None
 
