@@ -43,10 +43,13 @@ def report_book(dump_dir: Optional[str]) -> ReportBook:
     return _books[dump_dir]
 
 
-def _inductor_patches(mode: Optional[str]) -> dict:
-    if mode is None or mode == "default":
-        return {}
-    return dict(torch._inductor.list_mode_options(mode))
+def _inductor_patches(mode: Optional[str], config: QuantVLAConfig) -> dict:
+    """Inductor settings for this compile: the mode's, then the user's ``inductor_options``."""
+    patches = {} if mode is None or mode == "default" else dict(torch._inductor.list_mode_options(mode))
+    if config.cudagraphs:
+        patches["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
+    patches.update(config.inductor_options)
+    return patches
 
 
 def _check_kernel_available(config: QuantVLAConfig, example_inputs) -> None:
@@ -94,14 +97,14 @@ def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
     _check_kernel_available(config, example_inputs)
     _configure_kernels(config)
     new_gm, ctx = rewrite(gm, example_inputs, config)
-    patches = _inductor_patches(mode)
+    patches = _inductor_patches(mode, config)
     if config.lowering == "eager":
         compiled = new_gm.forward
     elif not ctx.derived:
         return compile_fx(new_gm, list(example_inputs), config_patches=patches)
     else:
         compiled = compile_fx(new_gm, list(example_inputs) + _static_fakes(ctx.derived_values), config_patches=patches)
-    provider = DerivedInputProvider(ctx.derived)
+    provider = DerivedInputProvider(ctx.derived, verify_weights=config.verify_weights)
 
     def run(*args):
         return compiled(*args, *provider(args))

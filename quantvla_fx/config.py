@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from .config_checks import (ConfigError, check_bool, check_inductor_options, check_int, check_int_tuple,
+                            check_optional_path, check_packs)
+
 log = logging.getLogger("quantvla_fx")
 
 # The seeds' layer selection: the GeGLU MLP linears of the PaliGemma LM and the action expert.
@@ -26,10 +29,6 @@ EPILOGUES = ("auto", "fused", "int32")
 LOWERINGS = ("inductor", "eager")
 
 _ENV_PREFIX = "OPENPI_BITBLAS_"
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field (or variable)."""
 
 
 def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
@@ -72,6 +71,12 @@ class QuantVLAConfig:
         duquant_fold: fold DuQuant smoothing into the producing op where exact (False: online).
         lowering: ``inductor`` (default) or ``eager``: run the rewritten FX graph as Python, to
             tell a rewrite bug from an Inductor bug.
+        verify_weights: compare the content of every quantized weight on every call and re-pack
+            when it changed (catches edits that bypass the version counter, e.g. ``w.data.copy_``
+            or a NumPy view; costs a pass over the weights per call).
+        inductor_options: ``torch._inductor.config`` settings for this compile (checked by name).
+        cudagraphs: run the compiled graph through CUDA graphs (what ``mode="reduce-overhead"``
+            gives; ``mode`` cannot be combined with ``options``).
     """
 
     include: tuple[str, ...] = PI05_MLP_INCLUDE
@@ -89,6 +94,9 @@ class QuantVLAConfig:
     lowering: str = "inductor"
     quantize: bool = True
     duquant_fold: bool = True
+    verify_weights: bool = False
+    inductor_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    cudagraphs: bool = False
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
     _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
 
@@ -98,11 +106,19 @@ class QuantVLAConfig:
         set_("exclude", _as_tuple(self.exclude, "exclude"))
         set_("_include_re", tuple(_compile(p, "include") for p in self.include))
         set_("_exclude_re", tuple(_compile(p, "exclude") for p in self.exclude))
+        for name in ("enable_tuning", "debug", "quantize", "duquant_fold", "verify_weights", "cudagraphs"):
+            check_bool(name, getattr(self, name))
+        for name in ("weight_bits", "act_bits", "group_size"):
+            check_int(name, getattr(self, name))
+        set_("opt_m", check_int_tuple("opt_m", self.opt_m))
+        set_("dump_dir", check_optional_path("dump_dir", self.dump_dir))
+        set_("packs", check_packs(self.packs))
+        set_("inductor_options", check_inductor_options(self.inductor_options))
         if self.weight_bits != 4:
             raise ConfigError(f"weight_bits={self.weight_bits!r}: only 4-bit weights are implemented")
         if self.act_bits != 8:
             raise ConfigError(f"act_bits={self.act_bits!r}: only 8-bit activations are implemented")
-        if not isinstance(self.group_size, int) or not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 2 == 0)):
+        if not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 2 == 0)):
             raise ConfigError(f"group_size={self.group_size!r}: use -1 (per output channel) or a positive even integer")
         if self.kernel not in KERNELS:
             raise ConfigError(f"kernel={self.kernel!r}: choose one of {KERNELS}")
@@ -113,11 +129,6 @@ class QuantVLAConfig:
                               "cannot take per-group weight scales; use epilogue='fused' (or 'auto') or group_size=-1")
         if self.lowering not in LOWERINGS:
             raise ConfigError(f"lowering={self.lowering!r}: choose one of {LOWERINGS}")
-        set_("opt_m", tuple(int(m) for m in self.opt_m))
-        if any(m <= 0 for m in self.opt_m):
-            raise ConfigError(f"opt_m={self.opt_m!r}: token counts must be positive")
-        if self.dump_dir is not None:
-            set_("dump_dir", os.fspath(self.dump_dir))
 
     # -- selection -------------------------------------------------------------------------
     def match(self, fqn: str) -> tuple[bool, str]:

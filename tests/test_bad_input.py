@@ -1,5 +1,6 @@
 """Bad input gets an error that names the culprit, or a logged and reported skip."""
 import logging
+import re
 
 import pytest
 import torch
@@ -147,3 +148,40 @@ def test_bitblas_tuning_switches_reach_the_kernel(monkeypatch):
     cfg = QuantVLAConfig.from_env({"OPENPI_BITBLAS_ENABLE_TUNING": "1", "OPENPI_BITBLAS_OPT_M": "16,64"}, include=(".*",))
     torch.compile(Odd(32), backend="quantvla", options=cfg.to_options())(torch.randn(2, 32))
     assert seen == {"enable_tuning": True, "opt_m": (16, 64)}
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("quantize", "False", "quantize='False': must be True or False"),
+    ("debug", "no", "debug='no': must be True or False"),
+    ("duquant_fold", 1, "duquant_fold=1: must be True or False"),
+    ("verify_weights", None, "verify_weights=None: must be True or False"),
+    ("cudagraphs", "yes", "cudagraphs='yes': must be True or False"),
+    ("enable_tuning", 0, "enable_tuning=0: must be True or False"),
+    ("group_size", 64.0, "group_size=64.0: must be an int"),
+    ("group_size", True, "group_size=True: must be an int"),
+    ("weight_bits", "4", "weight_bits='4': must be an int"),
+    ("opt_m", "16,32", "opt_m='16,32': must be a sequence of positive ints"),
+    ("opt_m", (16, 0), "opt_m=(16, 0): must be a sequence of positive ints such as (16, 32); 0 is not"),
+    ("dump_dir", 5, "dump_dir=5: must be a path"),
+    ("packs", 123, "packs=123: must be None, a path to a pack file or folder, or a quantvla_fx.duquant.Packs"),
+    ("inductor_options", ["max_autotune"], "inductor_options=['max_autotune']: must be a dict"),
+    ("inductor_options", {"max_autotoon": True}, "'max_autotoon' is not a torch._inductor.config setting"),
+    ("inductor_options", {"max_autotune": "1"}, "inductor_options['max_autotune']='1': must be bool"),
+])
+def test_options_are_type_checked_and_named(option, value, fragment):
+    fragment = re.escape(fragment)
+    with pytest.raises(ConfigError, match=fragment):
+        QuantVLAConfig(**{option: value})
+    with pytest.raises(Exception, match=fragment):  # the same through torch.compile's options
+        torch.compile(torch.nn.Linear(8, 8), backend="quantvla", options={option: value})(torch.randn(2, 8))
+
+
+def test_inductor_options_and_cudagraphs_reach_inductor(monkeypatch):
+    from quantvla_fx import backend
+
+    seen = {}
+    real = backend.compile_fx
+    monkeypatch.setattr(backend, "compile_fx", lambda gm, inputs, config_patches: seen.update(config_patches) or real(gm, inputs))
+    opts = {**ALL, "inductor_options": {"max_autotune_gemm": False}, "cudagraphs": True}
+    torch.compile(torch.nn.Linear(8, 8), backend="quantvla", options=opts)(torch.randn(2, 8))
+    assert seen == {"max_autotune_gemm": False, "triton.cudagraphs": True}
