@@ -6,10 +6,11 @@ entry point; importing this package is not required.
 import logging
 
 from .config import ConfigError, QuantVLAConfig
+from .derived_inputs import refresh
 
 logging.getLogger("quantvla_fx").addHandler(logging.NullHandler())
 
-__all__ = ["ConfigError", "QuantVLAConfig", "calibrate"]
+__all__ = ["ConfigError", "QuantVLAConfig", "calibrate", "refresh"]
 __version__ = "0.1.0"
 
 

@@ -9,8 +9,11 @@ recomputed from the live weight whenever that weight's identity, version or stor
   static key (the recipe's parameters).
 * :data:`PACK_CACHE` — process-wide cache keyed by (recipe key, (id, _version, data_ptr) of the
   sources); entries die with their source tensors (``weakref.finalize``), and an in-place edit
-  replaces the entry of the older version.
+  replaces the entry of the older version.  Each entry also holds a content digest of its
+  sources: every compile checks it (an edit through ``.data``, a NumPy view or under
+  ``inference_mode`` bumps no version counter), and so does every call with ``verify_weights``.
 * :class:`DerivedInputProvider` — per compiled graph; one tuple compare per call on the hot path.
+* :func:`refresh` — forget the packs of a model's weights after an edit no counter saw.
 """
 from __future__ import annotations
 
@@ -40,14 +43,36 @@ def _tensor_key(t: torch.Tensor) -> tuple[int, int, int]:
     return id(t), version, t.data_ptr()
 
 
+def content_digest(t: torch.Tensor) -> tuple[int, int]:
+    """Two integers that change with any change of ``t``'s bits (computed where ``t`` lives).
+
+    The raw bits, read as integers, summed plainly and with position-dependent odd weights
+    (wrapping int64 arithmetic is exact and order-independent); chunked to bound the memory.
+    """
+    flat = t.detach().reshape(-1)
+    words = flat.view(_INT_OF_SIZE[flat.element_size()]) if flat.element_size() in _INT_OF_SIZE else flat.view(torch.uint8)
+    plain = weighted = 0
+    for start in range(0, words.numel(), _DIGEST_CHUNK):
+        w = words[start:start + _DIGEST_CHUNK].to(torch.int64)
+        pos = torch.arange(start, start + w.numel(), device=w.device, dtype=torch.int64)
+        plain += int(w.sum())
+        weighted += int((w * (pos * 2654435761 % 2147483647 | 1)).sum())
+    return plain, weighted
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_DIGEST_CHUNK = 1 << 22
+
+
 class PackCache:
     """Derived tensors keyed by recipe and source identity; see the module docstring."""
 
     def __init__(self):
-        self._entries: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._entries: dict[tuple, tuple[tuple[torch.Tensor, ...], tuple]] = {}  # key -> (outputs, digests)
         self._latest: dict[tuple, tuple] = {}  # (recipe key, source ids) -> entry key
         self._watch: dict[int, tuple[weakref.ref, set]] = {}  # id -> (ref, entry keys)
         self.builds = 0
+        self.generation = 0  # bumped by forget(): providers drop their last-call shortcut
 
     def __len__(self):
         return len(self._entries)
@@ -56,13 +81,18 @@ class PackCache:
         self._entries.clear()
         self._latest.clear()
         self._watch.clear()
+        self.generation += 1
 
-    def get(self, spec: DerivedInput, sources: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def get(self, spec: DerivedInput, sources: Sequence[torch.Tensor], check_content: bool = False) -> tuple[torch.Tensor, ...]:
+        """The derived tensors for these sources; ``check_content`` also compares the sources' bits."""
         src_keys = tuple(_tensor_key(t) for t in sources)
         key = (spec.key, src_keys)
         hit = self._entries.get(key)
-        if hit is not None and self._alive(sources):
-            return hit
+        digests = tuple(content_digest(t) for t in sources) if check_content else None
+        if hit is not None and self._alive(sources) and (digests is None or digests == hit[1]):
+            return hit[0]
+        if hit is not None and digests is not None and digests != hit[1]:
+            log.info("quantvla: weight content changed without a version bump; re-packing %s", spec.names)
         with torch.no_grad():
             out = tuple(spec.compute(*sources))
         self.builds += 1
@@ -70,11 +100,26 @@ class PackCache:
         stale = self._latest.get(ids)
         if stale is not None:  # the same weights at an older version: drop that pack
             self._entries.pop(stale, None)
-        self._entries[key] = out
+        if digests is None:
+            digests = tuple(content_digest(t) for t in sources)
+        self._entries[key] = (out, digests)
         self._latest[ids] = key
         for t in sources:
             self._watch_tensor(t, key)
         return out
+
+    def forget(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Drop every entry computed from any of ``tensors``; returns how many were dropped."""
+        dropped = 0
+        for t in tensors:
+            w = self._watch.get(id(t))
+            if w is None or w[0]() is not t:
+                continue
+            for key in w[1]:
+                dropped += self._entries.pop(key, None) is not None
+        self._latest = {k: v for k, v in self._latest.items() if v in self._entries}
+        self.generation += 1
+        return dropped
 
     def _alive(self, sources) -> bool:
         # Guards against id reuse: every source must still be the object that was watched.
@@ -90,10 +135,10 @@ class PackCache:
             ref = weakref.ref(t)
             w = (ref, set())
             self._watch[id(t)] = w
-            weakref.finalize(t, self._forget, id(t), ref)
+            weakref.finalize(t, self._forget_tensor, id(t), ref)
         w[1].add(key)
 
-    def _forget(self, tid: int, ref: weakref.ref) -> None:
+    def _forget_tensor(self, tid: int, ref: weakref.ref) -> None:
         w = self._watch.get(tid)
         if w is None or w[0] is not ref:
             return
@@ -107,23 +152,58 @@ PACK_CACHE = PackCache()
 
 
 class DerivedInputProvider:
-    """Computes a compiled graph's trailing inputs from its live arguments."""
+    """Computes a compiled graph's trailing inputs from its live arguments.
 
-    def __init__(self, specs: Sequence[DerivedInput], cache: PackCache = PACK_CACHE):
+    ``verify_weights``: compare the sources' content on every call (see :func:`content_digest`).
+    """
+
+    def __init__(self, specs: Sequence[DerivedInput], cache: PackCache = PACK_CACHE, verify_weights: bool = False):
         self.specs = tuple(specs)
         self.cache = cache
+        self.verify_weights = verify_weights
         self.positions = tuple(sorted({i for s in self.specs for i in s.sources}))
         self._last_key = None
         self._last: tuple[torch.Tensor, ...] = ()
         self._refs: tuple = ()
 
     def __call__(self, args: Sequence) -> tuple[torch.Tensor, ...]:
-        key = tuple(_tensor_key(args[i]) for i in self.positions)
-        if key == self._last_key and all(r() is args[i] for r, i in zip(self._refs, self.positions)):
+        key = (self.cache.generation,) + tuple(_tensor_key(args[i]) for i in self.positions)
+        if (not self.verify_weights and key == self._last_key
+                and all(r() is args[i] for r, i in zip(self._refs, self.positions))):
             return self._last
         out: list[torch.Tensor] = []
         for spec in self.specs:
-            out.extend(self.cache.get(spec, [args[i] for i in spec.sources]))
+            out.extend(self.cache.get(spec, [args[i] for i in spec.sources], check_content=self.verify_weights))
         self._last_key, self._last = key, tuple(out)
         self._refs = tuple(weakref.ref(args[i]) for i in self.positions)
         return self._last
+
+
+def refresh(obj=None) -> int:
+    """Re-pack from the current weights at the next call: after an edit no version counter saw.
+
+    ``obj``: a module (or a ``torch.compile``-d module, or a bound method of a module), a tensor,
+    or a sequence of those; None forgets every pack.  Returns the number of packs dropped.
+    """
+    if obj is None:
+        n = len(PACK_CACHE)
+        PACK_CACHE.clear()
+        return n
+    return PACK_CACHE.forget(list(_tensors_of(obj)))
+
+
+def _tensors_of(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, torch.nn.Module):
+        module = getattr(obj, "_orig_mod", obj)  # an OptimizedModule wraps the user's module
+        yield from module.parameters()
+        yield from module.buffers()
+    elif isinstance(getattr(obj, "__self__", None), torch.nn.Module):
+        yield from _tensors_of(obj.__self__)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors_of(o)
+    else:
+        raise TypeError(f"quantvla_fx.refresh: expected a module, a compiled module, a bound method of a module, "
+                        f"a tensor or a sequence of those; got {type(obj).__name__}")

@@ -76,7 +76,8 @@ class RewriteContext:
         if memo is not None:
             return memo
         spec = DerivedInput(tuple(self._unique(n) for n in names), sources, compute, key)
-        values = PACK_CACHE.get(spec, [self.example_inputs[i] for i in sources])
+        # check_content: every compile packs from the current values, even after a `.data` edit.
+        values = PACK_CACHE.get(spec, [self.example_inputs[i] for i in sources], check_content=True)
         if len(values) != len(names):
             raise RuntimeError(f"quantvla: derived input {names} produced {len(values)} tensors")
         self.derived.append(spec)
