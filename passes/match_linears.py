@@ -55,12 +55,23 @@ def match_linears(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     for rec in ctx.report.linears:
         level = logging.INFO if cfg.debug else logging.DEBUG
         log.log(level, "quantvla: graph %d %s %s: %s", ctx.graph_id, rec.fqn, "quantize" if rec.quantized else "keep", rec.reason)
-    if ctx.report.linears and not any(r.reason.startswith("included") or r.quantized for r in ctx.report.linears):
-        msg = (f"include rules {list(cfg.include)} matched none of the {len(ctx.report.linears)} linears "
-               f"in graph {ctx.graph_id} (calling modules such as {ctx.report.linears[0].fqn!r})")
-        log.warning("quantvla: %s", msg)
-        ctx.report.notes.append(msg)
+    _warn_if_nothing_quantized(ctx)
     return gm
+
+
+def _warn_if_nothing_quantized(ctx: RewriteContext) -> None:
+    """Say why a graph with linears got no quantized one: no rule matched, or each match was skipped."""
+    records = ctx.report.linears
+    if not records or any(r.quantized for r in records):
+        return
+    skipped = [r for r in records if r.reason.startswith("skipped")]
+    if skipped:
+        shown = "; ".join(f"{r.fqn}: {r.reason[len('skipped: '):]}" for r in skipped[:3])
+        ctx.report.warn(f"graph {ctx.graph_id}: all {len(skipped)} selected linear(s) were skipped, nothing is "
+                        f"quantized ({shown}{'; ...' if len(skipped) > 3 else ''})")
+    elif not any(r.reason.startswith("included") for r in records):
+        ctx.report.warn(f"include rules {list(ctx.config.include)} matched none of the {len(records)} linears "
+                        f"in graph {ctx.graph_id} (calling modules such as {records[0].fqn!r})")
 
 
 def _why_not_quantizable(real, wv, xv, k, n, cfg) -> str:

@@ -7,10 +7,11 @@ import logging
 
 from .config import ConfigError, QuantVLAConfig
 from .derived_inputs import refresh
+from .report import QuantVLAWarning
 
 logging.getLogger("quantvla_fx").addHandler(logging.NullHandler())
 
-__all__ = ["ConfigError", "QuantVLAConfig", "calibrate", "refresh"]
+__all__ = ["ConfigError", "QuantVLAConfig", "QuantVLAWarning", "calibrate", "refresh"]
 __version__ = "0.1.0"
 
 

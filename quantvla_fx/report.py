@@ -5,9 +5,17 @@ Written as report.json (machine-readable) and report.md (for a person) into ``du
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+log = logging.getLogger("quantvla_fx")
+
+
+class QuantVLAWarning(UserWarning):
+    """A condition of a compile the user must see (e.g. nothing was quantized); shown by default."""
 
 
 @dataclass
@@ -39,6 +47,12 @@ class GraphReport:
     @property
     def quantized(self) -> list[LinearRecord]:
         return [r for r in self.linears if r.quantized]
+
+    def warn(self, message: str) -> None:
+        """Something the user must see: a Python warning, a log line and a note in the report."""
+        log.warning("quantvla: %s", message)
+        self.notes.append(message)
+        warnings.warn(f"quantvla: {message}", QuantVLAWarning, stacklevel=2)
 
     def summary(self) -> str:
         return f"graph {self.graph}: {len(self.quantized)} of {len(self.linears)} linears quantized"

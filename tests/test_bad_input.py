@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from quantvla_fx import ConfigError, QuantVLAConfig
+from quantvla_fx import ConfigError, QuantVLAConfig, QuantVLAWarning
 from quantvla_fx.backend import report_book
 
 ALL = QuantVLAConfig.all_linears().to_options()
@@ -45,6 +45,29 @@ def test_include_that_matches_nothing_warns_and_reports(caplog):
     assert rep.linears[0].reason == "matches no include rule"
 
 
+def test_nothing_quantized_is_a_python_warning_with_default_filters():
+    import subprocess
+    import sys
+
+    code = ("import torch; m = torch.nn.Linear(16, 16); "
+            "torch.compile(m, backend='quantvla', options={'include': ['gate_proj']})(torch.randn(2, 16))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "QuantVLAWarning: quantvla: include rules ['gate_proj'] matched none of the 1 linears" in out.stderr
+
+
+def test_torch_logs_shows_the_backends_info_lines():
+    import os
+    import subprocess
+    import sys
+
+    code = "import torch; torch.compile(torch.nn.Linear(16, 16), backend='quantvla', options={'include': ['.*']})(torch.randn(2, 16))"
+    env = {**os.environ, "TORCH_LOGS": "+quantvla_fx"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "quantvla: graph 0: 1 of 1 linears quantized" in out.stderr
+
+
 class Odd(torch.nn.Module):
     def __init__(self, k, dtype=torch.float32):
         super().__init__()
@@ -61,6 +84,12 @@ def test_odd_k_is_skipped_with_reason(caplog):
     rec = last_report().linears[0]
     assert not rec.quantized and "K=15 is odd" in rec.reason
     assert "proj" in caplog.text and "odd" in caplog.text
+
+
+def test_all_selected_skipped_says_so_instead_of_matched_none():
+    with pytest.warns(QuantVLAWarning, match=r"all 1 selected linear\(s\) were skipped, nothing is quantized \(proj: in_features K=15 is odd"):
+        torch.compile(Odd(15), backend="quantvla", options=ALL)(torch.randn(2, 15))
+    assert not any("matched none" in n for n in last_report().notes)
 
 
 def test_k_not_multiple_of_group_size_is_skipped():
