@@ -25,6 +25,7 @@ from .config import QuantVLAConfig
 from .derived_inputs import DerivedInputProvider
 from .dump import GraphDumper
 from .graph_utils import clone_graph_module, fake_mode_of, finish
+from .inference_only import guard_outputs
 from .kernels.registry import kernel_unavailable_reason
 from .report import ReportBook
 
@@ -106,8 +107,10 @@ def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
         compiled = compile_fx(new_gm, list(example_inputs) + _static_fakes(ctx.derived_values), config_patches=patches)
     provider = DerivedInputProvider(ctx.derived, verify_weights=config.verify_weights)
 
+    layers = tuple(dict.fromkeys(s.record.fqn for s in ctx.kept))
+
     def run(*args):
-        return compiled(*args, *provider(args))
+        return guard_outputs(compiled(*args, *provider(args)), args, layers)
 
     run.quantvla_report = ctx.report  # for tests and debugging
     run.quantvla_provider = provider
