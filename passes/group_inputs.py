@@ -1,4 +1,4 @@
-"""Pass 2: linears that read the same activation node (q/k/v, gate/up) form one group.
+"""Analysis 2: linears that read the same activation node (q/k/v, gate/up) form one group.
 
 A group gets one input transform and one activation quantization, shared by its GEMMs.
 """
@@ -10,7 +10,7 @@ from quantvla_fx.naming import group_name
 from quantvla_fx.rewrite_context import GroupSite, RewriteContext
 
 
-def group_inputs(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
+def group_inputs(gm: fx.GraphModule, ctx: RewriteContext) -> None:
     by_input: dict[fx.Node, GroupSite] = {}
     for site in ctx.kept:
         group = by_input.get(site.input_node)
@@ -23,4 +23,3 @@ def group_inputs(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
         group.name = group_name([s.record.fqn for s in group.members])
         for s in group.members:
             s.record.group = group.name
-    return gm

@@ -1,4 +1,4 @@
-"""Pass 1: find every linear call, name it by its calling module, decide whether to quantize it.
+"""Analysis 1: find every linear call, name it by its calling module, decide whether to quantize it.
 
 Rules match the FQN of the module that *calls* the linear (so a tied ``lm_head`` is judged by its
 own name, not by ``embed_tokens``).  Every linear gets a report record with the rule that selected
@@ -21,7 +21,7 @@ log = logging.getLogger("quantvla_fx")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def match_linears(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
+def match_linears(gm: fx.GraphModule, ctx: RewriteContext) -> None:
     cfg = ctx.config
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in LINEAR_TARGETS:
@@ -56,7 +56,6 @@ def match_linears(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
         level = logging.INFO if cfg.debug else logging.DEBUG
         log.log(level, "quantvla: graph %d %s %s: %s", ctx.graph_id, rec.fqn, "quantize" if rec.quantized else "keep", rec.reason)
     _warn_if_nothing_quantized(ctx)
-    return gm
 
 
 def _warn_if_nothing_quantized(ctx: RewriteContext) -> None:

@@ -31,7 +31,9 @@ from .report import ReportBook
 
 log = logging.getLogger("quantvla_fx")
 
-PASSES = (match_linears, group_inputs, fold_duquant, quantize_weights, substitute_ops)
+# Analyses read the graph and record what they found (dumped as tables); passes change the graph.
+ANALYSES = (match_linears, group_inputs)
+PASSES = (fold_duquant, quantize_weights, substitute_ops)
 
 _graph_ids = itertools.count()
 _books: dict[Optional[str], ReportBook] = {}
@@ -82,6 +84,10 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig):
     ctx = RewriteContext(new_gm, example_inputs, config, graph_id, fake_mode_of(gm), packs=_load_packs(config.packs))
     dumper = GraphDumper(config.dump_dir, graph_id)
     dumper.dump("dynamo", new_gm)
+    for a in ANALYSES:
+        a(new_gm, ctx)
+        ctx.report.passes.append(a.__name__)
+        dumper.table(a.__name__, ctx.report.analysis_table(a.__name__))
     for p in PASSES:
         new_gm = p(new_gm, ctx)
         ctx.report.passes.append(p.__name__)

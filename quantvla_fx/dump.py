@@ -1,4 +1,4 @@
-"""Graph dumps a person can read: the graph after each pass, plus a node table with FQNs."""
+"""Dumps a person can read: the graph after each pass, each analysis as a table, a node table with FQNs."""
 from __future__ import annotations
 
 import os
@@ -24,6 +24,14 @@ class GraphDumper:
         path = os.path.join(self.dir, f"{self.step:02d}_{stage}.py")
         with open(path, "w") as f:
             f.write(f"# quantvla graph dump: after stage '{stage}'\n{code}")
+        self.step += 1
+
+    def table(self, stage: str, markdown: str) -> None:
+        """What an analysis found (it leaves the graph as it was, so a graph dump would repeat Dynamo's)."""
+        if not self.dir:
+            return
+        with open(os.path.join(self.dir, f"{self.step:02d}_{stage}.md"), "w") as f:
+            f.write(f"# quantvla analysis '{stage}' (the graph is unchanged)\n\n{markdown}")
         self.step += 1
 
     def node_table(self, gm: fx.GraphModule) -> None:

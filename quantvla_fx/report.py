@@ -57,6 +57,20 @@ class GraphReport:
     def summary(self) -> str:
         return f"graph {self.graph}: {len(self.quantized)} of {len(self.linears)} linears quantized"
 
+    def analysis_table(self, analysis: str) -> str:
+        """Markdown of what an analysis recorded: the selection (match_linears) or the groups (group_inputs)."""
+        if analysis == "group_inputs":
+            groups: dict[str, list[str]] = {}
+            for r in self.quantized:
+                groups.setdefault(r.group or r.fqn, []).append(r.fqn)
+            rows = ["| input group (one activation quantization) | linears |", "|---|---|"]
+            rows += [f"| `{g}` | {', '.join(f'`{m}`' for m in ms)} |" for g, ms in groups.items()]
+        else:
+            rows = ["| linear (calling module) | N×K | dtype | device | selected | reason |", "|---|---|---|---|---|---|"]
+            rows += [f"| `{r.fqn}` | {r.out_features}×{r.in_features} | {r.dtype} | {r.device} | "
+                     f"{'yes' if r.quantized else 'no'} | {r.reason} |" for r in self.linears]
+        return "\n".join(rows) + "\n"
+
     def to_dict(self) -> dict:
         return {"graph": self.graph, "summary": self.summary(), "passes": self.passes,
                 "notes": self.notes, "linears": [asdict(r) for r in self.linears]}

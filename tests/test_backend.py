@@ -120,3 +120,20 @@ def test_compiled_bound_method_names_linears_from_the_module():
 
     fqns = [r.fqn for r in report_book(None).graphs[-1].linears]
     assert "layers.0.mlp.gate_proj" in fqns, fqns
+
+
+def test_dumps_show_analyses_as_tables_and_passes_as_graphs(tmp_path):
+    from quantvla_fx.testing import ToyGemma, init_toy_gemma
+
+    m = init_toy_gemma(ToyGemma(layers=1)).eval()
+    opts = QuantVLAConfig.all_linears(dump_dir=str(tmp_path), lowering="eager").to_options()
+    with torch.no_grad():
+        fn = torch.compile(m, backend="quantvla", options=opts)
+        fn(torch.randn(1, 8, 64))
+    (graph,) = tmp_path.glob("graph_*")
+    names = sorted(p.name for p in graph.iterdir())
+    assert names == ["00_dynamo.py", "01_match_linears.md", "02_group_inputs.md", "03_fold_duquant.py",
+                     "04_quantize_weights.py", "05_substitute_ops.py", "nodes.md"]
+    assert "| `layers.0.mlp.up_proj` | 128×64 | float32 | cpu | yes | included by '.*' |" in (graph / "01_match_linears.md").read_text()
+    assert "| `layers.0.mlp.{gate_proj,up_proj}` | `layers.0.mlp.gate_proj`, `layers.0.mlp.up_proj` |" in (graph / "02_group_inputs.md").read_text()
+    assert "quantvla.w4a8_linear" in (graph / "05_substitute_ops.py").read_text()
