@@ -1,6 +1,6 @@
 """The main job on the CPU: tiny Pi0.5 (openpi's golden checkpoint) → DuQuant → W4A8 → actions.
 
-    python examples/pi05_tiny.py [--golden ../shared/golden/pi05_tiny] [--dump-dir dumps/pi05_tiny]
+    python examples/pi05_tiny.py [--golden tests/data/pi05_tiny] [--dump-dir dumps/pi05_tiny]
 
 Loads the golden tiny checkpoint, calibrates DuQuant on a few observations, compiles
 ``sample_actions`` with ``backend="quantvla"`` (the MLPs of the PaliGemma LM and the action
@@ -21,7 +21,8 @@ from quantvla_fx import QuantVLAConfig, calibrate
 from quantvla_fx.backend import report_book
 from quantvla_fx.models.pi05 import Observation, Pi05
 
-DEFAULT_GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "pi05_tiny"
+# openpi's real tiny Pi0.5 checkpoint, inputs and actions, shipped with the repository.
+DEFAULT_GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "data" / "pi05_tiny"
 
 
 def jitter(obs: Observation, seed: int) -> Observation:

@@ -1,7 +1,6 @@
 """Pi05 checkpoints: openpi / lerobot layouts, tied embedding, round trip, dtype policy, bad files."""
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -18,10 +17,7 @@ Q_PROJ = "paligemma_with_expert.paligemma.model.language_model.layers.0.self_att
 DENSE = "paligemma_with_expert.gemma_expert.model.layers.1.post_attention_layernorm.dense.weight"
 
 
-def _golden_dir() -> Path:
-    shared = os.environ.get("QUANTVLA_SHARED")
-    base = Path(shared) if shared else Path(__file__).resolve().parents[1].parent / "shared"
-    return base / "golden" / "pi05_tiny"
+GOLDEN = Path(__file__).parent / "data" / "pi05_tiny"  # openpi's real checkpoint (see its README.md)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +53,7 @@ def _assert_weights_equal(model: Pi05, state: dict):
 
 # ----------------------------------------------------------------- layouts
 def test_openpi_golden_file_loads_with_exact_keys():
-    golden = _golden_dir()
-    if not (golden / "model.safetensors").is_file():
-        pytest.skip(f"golden vectors not found at {golden}")
+    golden = GOLDEN
     model = Pi05.from_pretrained(golden)
     file_tensors = load_file(str(golden / "model.safetensors"))
     assert EMBED_KEY not in file_tensors and LM_HEAD_KEY in file_tensors  # the dropped tied duplicate
