@@ -5,6 +5,10 @@ entry point; importing this package is not required.
 """
 import logging
 
+from . import import_noise
+
+import_noise.install()  # before anything below imports torchao
+
 from .config import ConfigError, QuantVLAConfig
 from .derived_inputs import refresh
 from .report import QuantVLAWarning
