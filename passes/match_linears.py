@@ -15,10 +15,9 @@ from quantvla_fx.graph_utils import LINEAR_TARGETS, call_site_fqn, linear_args, 
 from quantvla_fx.kernels.registry import kernel_unavailable_reason, get_kernel
 from quantvla_fx.report import LinearRecord
 from quantvla_fx.rewrite_context import LinearSite, RewriteContext
+from quantvla_fx.selection import SUPPORTED_DTYPES, weight_rule_violation
 
 log = logging.getLogger("quantvla_fx")
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def match_linears(gm: fx.GraphModule, ctx: RewriteContext) -> None:
@@ -76,20 +75,13 @@ def _warn_if_nothing_quantized(ctx: RewriteContext) -> None:
 def _why_not_quantizable(real, wv, xv, k, n, cfg) -> str:
     if real is None or not isinstance(wv, torch.Tensor):
         return "the weight is computed inside the graph, not a parameter or input tensor"
-    if wv.dim() != 2:
-        return f"weight has shape {tuple(wv.shape)}, expected 2-D [N, K]"
-    if not cfg.quantize:
-        return ""
-    if wv.dtype not in SUPPORTED_DTYPES:
-        return f"weight dtype {wv.dtype} is not supported by the W4A8 kernels (float32, bfloat16, float16)"
+    why = weight_rule_violation(tuple(wv.shape), wv.dtype, cfg.group_size, cfg.quantize)
+    if why or not cfg.quantize:
+        return why or ""
     if isinstance(xv, torch.Tensor) and xv.dtype not in SUPPORTED_DTYPES:
         return f"activation dtype {xv.dtype} is not supported by the W4A8 kernels (float32, bfloat16, float16)"
     if isinstance(xv, torch.Tensor) and xv.device != wv.device:
         return f"activation on {xv.device} but weight on {wv.device}"
-    if k % 2:
-        return f"in_features K={k} is odd: int4 packing stores two values per byte"
-    if cfg.group_size > 0 and k % cfg.group_size:
-        return f"in_features K={k} is not a multiple of group_size={cfg.group_size}"
     if cfg.kernel != "auto":
         reason = kernel_unavailable_reason(cfg.kernel, wv.device)
         if reason is None:
