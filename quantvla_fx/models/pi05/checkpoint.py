@@ -130,6 +130,18 @@ def _fmt(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in shown) + more
 
 
+def describe_checkpoint(path: str | os.PathLike, config: Pi05Config | str | None = None
+                        ) -> tuple[Pi05Config, dict[str, tuple[str, tuple[int, ...]]]]:
+    """(config, model key -> (safetensors dtype, shape)) from the headers alone: no tensor is read."""
+    files = resolve_weight_files(path)
+    cfg = resolve_config(config, files)
+    index = _index_keys(files)
+    tied = [k for k in (EMBED_KEY, LM_HEAD_KEY) if k in index]
+    if len(tied) == 1:
+        index[LM_HEAD_KEY if tied[0] == EMBED_KEY else EMBED_KEY] = index[tied[0]]
+    return cfg, {k: (v[2], v[3]) for k, v in index.items()}
+
+
 def load_checkpoint(model_cls, path: str | os.PathLike, config: Pi05Config | str | None = None, strict: bool = True,
                     dtype_policy: str = "float32", device: torch.device | str = "cpu") -> nn.Module:
     """Build ``model_cls(config)`` (a :class:`Pi05`) from a checkpoint; ``Pi05.from_pretrained`` calls this.

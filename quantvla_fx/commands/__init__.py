@@ -1,0 +1,1 @@
+"""The subcommands of ``quantvla-fx``: one module each, plus what they share."""
