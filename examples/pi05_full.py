@@ -24,16 +24,17 @@ from quantvla_fx.models.pi05.observation import random_observation
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="CPU check: --device cpu --vision-layers 1 --llm-depth 1 --expert-depth 1")
     ap.add_argument("--checkpoint", help="openpi-converted or lerobot model directory / .safetensors")
     ap.add_argument("--preset", default="pi05_libero", choices=["pi05_libero", "pi05_droid", "pi05_base"])
     ap.add_argument("--packs", help="DuQuant packs (our .safetensors or a QuantVLA .npz folder)")
     ap.add_argument("--kernel", default="auto", choices=["auto", "triton", "bitblas", "reference"])
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dump-dir", default="dumps/pi05_full")
-    ap.add_argument("--vision-layers", type=int)
-    ap.add_argument("--llm-depth", type=int)
-    ap.add_argument("--expert-depth", type=int)
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (then shrink the stacks, see below)")
+    ap.add_argument("--dump-dir", default="dumps/pi05_full", help="graph dumps and the rewrite report")
+    ap.add_argument("--vision-layers", type=int, help="keep only this many SigLIP layers (quick checks)")
+    ap.add_argument("--llm-depth", type=int, help="keep only this many PaliGemma LM layers (quick checks)")
+    ap.add_argument("--expert-depth", type=int, help="keep only this many action-expert layers (quick checks)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
