@@ -14,13 +14,14 @@ import logging
 import time
 
 import torch
-from torchao.quantization.utils import compute_error
 
 from quantvla_fx import QuantVLAConfig
 from quantvla_fx.backend import report_book
 from quantvla_fx.models.pi05 import Pi05, Pi05Config, apply_dtype_policy
 from quantvla_fx.models.pi05.initialization import init_weights
 from quantvla_fx.models.pi05.observation import random_observation
+# torchao after quantvla_fx: the package quiets torchao's import noise on CPU-only machines
+from torchao.quantization.utils import compute_error
 
 
 def main():

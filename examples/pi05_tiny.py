@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torchao.quantization.utils import compute_error
 
 from quantvla_fx import QuantVLAConfig, calibrate
 from quantvla_fx.backend import report_book
 from quantvla_fx.models.pi05 import Observation, Pi05
+# torchao after quantvla_fx: the package quiets torchao's import noise on CPU-only machines
+from torchao.quantization.utils import compute_error
 
 # openpi's real tiny Pi0.5 checkpoint, inputs and actions, shipped with the repository.
 DEFAULT_GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "data" / "pi05_tiny"

@@ -8,10 +8,11 @@ import argparse
 import logging
 
 import torch
-from torchao.quantization.utils import compute_error
-from torchao.testing.model_architectures import TransformerBlock
 
 from quantvla_fx import QuantVLAConfig
+# torchao after quantvla_fx: the package quiets torchao's import noise on CPU-only machines
+from torchao.quantization.utils import compute_error
+from torchao.testing.model_architectures import TransformerBlock
 
 
 def main():
