@@ -4,7 +4,7 @@
 
 For every shape and M in {10, 50, 968}: the same module compiled with Inductor in bf16 and with
 backend="quantvla" (one run per kernel), plus raw cuBLAS bf16 (F.linear), all timed in this run
-by benchmarks/timing.py (CUDA graphs, L2 flushed, medians).  Prints ratios; writes
+by quantvla_fx/kernels/timing.py (CUDA graphs, L2 flushed, medians).  Prints ratios; writes
 <out>/<gpu>/bench_ops.json.  benchmarks/plot_results.py draws the PNG.
 """
 from __future__ import annotations
@@ -13,17 +13,14 @@ import argparse
 import json
 import os
 import platform
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import time_us  # noqa: E402
-
-from quantvla_fx import QuantVLAConfig  # noqa: E402
-from quantvla_fx.models.pi05.config import Pi05Config  # noqa: E402
-from quantvla_fx.testing import NormLinear  # noqa: E402
+from quantvla_fx import QuantVLAConfig
+from quantvla_fx.kernels.timing import graph_us
+from quantvla_fx.models.pi05.config import Pi05Config
+from quantvla_fx.testing import NormLinear
 
 SHAPES = Pi05Config.pi05_libero().mlp_gemm_shapes()  # name: (N, K)
 MS = (10, 50, 968)
@@ -59,13 +56,13 @@ def main():
             row = {"shape": name, "K": k, "N": n, "M": m}
             with torch.no_grad():
                 xn = mod.norm(x)
-                row["cublas_bf16_us"] = time_us(lambda: F.linear(xn, mod.proj.weight))
+                row["cublas_bf16_us"] = graph_us(lambda: F.linear(xn, mod.proj.weight))
                 ref = mod(x).float()
                 for label, fn in compiled.items():
                     try:
                         out = fn(x)
                         err = float((out.float() - ref).norm() / ref.norm())
-                        row[f"{label}_us"] = time_us(lambda: fn(x))
+                        row[f"{label}_us"] = graph_us(lambda: fn(x))
                         row[f"{label}_rel_err"] = err
                     except Exception as e:  # a kernel that cannot run here is reported, not fatal
                         row[f"{label}_error"] = f"{type(e).__name__}: {e}"[:300]

@@ -3,7 +3,7 @@
     python benchmarks/bench_pi05.py [--horizon 10] [--kernel auto] [--out benchmarks/results]
 
 Random weights (openpi's bf16 dtype policy), B=1, 10 denoise steps.  Both variants are
-torch.compile'd in this run and timed by benchmarks/timing.py (CUDA graphs with L2 flushed when
+torch.compile'd in this run and timed by quantvla_fx/kernels/timing.py (CUDA graphs with L2 flushed when
 the compiled function can be captured, else CUDA events; the method used is recorded).  Reports
 latency medians, peak GPU memory, weight bytes of the quantized linears, compile time cold and
 warm, and the action SQNR vs bf16.  Writes <out>/<gpu>/bench_pi05_h<H>.json.
@@ -13,31 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import time_us  # noqa: E402
-
-from quantvla_fx import QuantVLAConfig  # noqa: E402
-from quantvla_fx.models.pi05 import Pi05, Pi05Config, apply_dtype_policy  # noqa: E402
-from quantvla_fx.models.pi05.observation import random_observation  # noqa: E402
-from quantvla_fx.models.pi05.initialization import init_weights  # noqa: E402
-
-
-def events_us(fn, reps=30):
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+from quantvla_fx import QuantVLAConfig
+from quantvla_fx.kernels.timing import events_us, graph_us
+from quantvla_fx.models.pi05 import Pi05, Pi05Config, apply_dtype_policy
+from quantvla_fx.models.pi05.observation import random_observation
+from quantvla_fx.models.pi05.initialization import init_weights
 
 
 def measure(label, make_fn, obs, noise, warm_compile=True):
@@ -63,7 +47,7 @@ def measure(label, make_fn, obs, noise, warm_compile=True):
         torch.cuda.synchronize()
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         try:
-            res["latency_us"] = time_us(lambda: fn(obs, noise=noise), reps=50)
+            res["latency_us"] = graph_us(lambda: fn(obs, noise=noise), reps=50)
             res["timing"] = "cuda_graph_l2_flushed"
         except Exception as e:
             res["latency_us"] = events_us(lambda: fn(obs, noise=noise))

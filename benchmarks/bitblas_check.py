@@ -5,9 +5,10 @@ and what ``auto`` picks.
     python benchmarks/bitblas_check.py --out benchmarks/results/h200/bitblas_raw.json
 
 Needs BitBLAS 0.1.0.post1 importable (on a CUDA-13 machine also the nvidia-cuda-runtime-cu12
-wheel somewhere on sys.path or in QUANTVLA_CUDA12_LIB_DIRS).  Imports only quantvla_fx.kernels.*
-and quantvla_fx.quant.int4_pack (no torchao).  Timings: triton.testing.do_bench medians, which
-flush the L2 before every run.
+wheel somewhere on sys.path or in QUANTVLA_CUDA12_LIB_DIRS).  Needs no torchao.  The BitBLAS
+settings come from ``OPENPI_BITBLAS_ENABLE_TUNING`` / ``OPT_M`` (read by QuantVLAConfig.from_env,
+as a compile reads them).  Timings: kernels/timing.median_us (triton.testing.do_bench medians,
+which flush the L2 before every run).
 """
 from __future__ import annotations
 
@@ -25,9 +26,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from quantvla_fx.kernels import auto, bitblas_build, bitblas_env  # noqa: E402
-from quantvla_fx.kernels import bitblas as bb  # noqa: E402
+from quantvla_fx import QuantVLAConfig  # noqa: E402
+from quantvla_fx.kernel_support import KernelSettings  # noqa: E402
+from quantvla_fx.kernels import timing  # noqa: E402
+from quantvla_fx.kernels.bitblas import build as bitblas_build  # noqa: E402
+from quantvla_fx.kernels.bitblas import env as bitblas_env  # noqa: E402
+from quantvla_fx.kernels.bitblas import kernel as bb  # noqa: E402
 from quantvla_fx.kernels.registry import get_kernel  # noqa: E402
+from quantvla_fx.kernels.select import Selector  # noqa: E402
 from quantvla_fx.models.pi05.config import Pi05Config  # noqa: E402
 from quantvla_fx.quant.int4_pack import pack_int4  # noqa: E402
 
@@ -51,9 +57,7 @@ def _nvcc_facts() -> dict:
 
 
 def _bench(fn) -> float:
-    from triton.testing import do_bench
-
-    return 1e3 * do_bench(fn, warmup=25, rep=100, return_mode="median")  # microseconds
+    return timing.median_us(fn, "cuda", warmup_ms=25, rep_ms=100)
 
 
 def main() -> int:
@@ -75,15 +79,17 @@ def main() -> int:
     dev = torch.device("cuda")
     cache = args.cache_dir or tempfile.mkdtemp(prefix="qv_bitblas_")
     fresh = not os.path.exists(cache) or not os.listdir(cache)
-    bb.configure(cache_dir=cache)
+    os.environ["QUANTVLA_BITBLAS_CACHE"] = cache
+    # OPENPI_BITBLAS_ENABLE_TUNING / OPT_M, read as a compile reads them.
+    kern = bb.kernel_for(KernelSettings.of(QuantVLAConfig.from_env(kernel="bitblas")))
     res = {"device": torch.cuda.get_device_name(dev), "capability": list(torch.cuda.get_device_capability(dev)),
            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "python": platform.python_version(),
-           "cache_dir": cache, "cache_was_empty": fresh, "opt_m": list(bb.opt_m()),
-           "enable_tuning": bb.enable_tuning(), "nvcc_before": _nvcc_facts(),
+           "cache_dir": cache, "cache_was_empty": fresh, "opt_m": list(bb.opt_m(kern.settings)),
+           "enable_tuning": kern.settings.enable_tuning, "nvcc_before": _nvcc_facts(),
            "LD_LIBRARY_PATH": os.environ.get("LD_LIBRARY_PATH")}
 
     t0 = time.perf_counter()
-    reason = bb.KERNEL.unavailable_reason(dev)
+    reason = kern.unavailable_reason(dev)
     res["import_seconds"] = round(time.perf_counter() - t0, 2)
     res["env"] = dict(bitblas_env.INFO)
     res["nvcc_after"] = _nvcc_facts()
@@ -99,8 +105,8 @@ def main() -> int:
     res["shapes"] = {}
     for name, (n, k) in SHAPES.items():
         t0 = time.perf_counter()
-        why = bb.KERNEL.unsupported_reason(n, k, -1, dev)  # builds + self-checks on first use
-        res["shapes"][name] = {"N": n, "K": k, "refused": why, "build_seconds": bb.KERNEL.build_seconds.get((n, k)),
+        why = kern.unsupported_reason(n, k, -1, dev)  # builds + self-checks on first use
+        res["shapes"][name] = {"N": n, "K": k, "refused": why, "build_seconds": kern.build_seconds.get((n, k)),
                                "build_and_check_seconds": round(time.perf_counter() - t0, 2)}
     res["compile_override_calls"] = dict(bitblas_build.COMPILE_CALLS)
 
@@ -112,7 +118,7 @@ def main() -> int:
         row["exact"] = {}
         for m in _ints(args.exact_ms):
             x = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=dev)
-            got, want = bb.KERNEL.mm(x, w), ref.mm(x, w)
+            got, want = kern.mm(x, w), ref.mm(x, w)
             row["exact"][str(m)] = int((got != want).sum())  # number of wrong int32 outputs
         w_bf16 = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
         ws = torch.rand(n, device=dev) / 100
@@ -121,15 +127,15 @@ def main() -> int:
             x = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=dev)
             xs = torch.rand(m, 1, device=dev) / 100
             xb = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            t_mm = _bench(lambda: bb.KERNEL.mm(x, w))
-            t_lin = _bench(lambda: bb.KERNEL.linear(x, xs, w, ws, None, torch.bfloat16))
+            t_mm = _bench(lambda: kern.mm(x, w))
+            t_lin = _bench(lambda: kern.linear(x, xs, w, ws, None, torch.bfloat16))
             t_bf16 = _bench(lambda: torch.nn.functional.linear(xb, w_bf16))
             row["timing_us"][str(m)] = {"bitblas_mm_int32": round(t_mm, 2), "bitblas_linear_bf16": round(t_lin, 2),
                                         "cublas_bf16": round(t_bf16, 2), "speedup_mm_vs_bf16": round(t_bf16 / t_mm, 3),
                                         "speedup_linear_vs_bf16": round(t_bf16 / t_lin, 3)}
 
     # A new kernel object = a new process's view: every operator comes from the on-disk cache.
-    fresh_kernel = bb.BitBLASKernel()
+    fresh_kernel = bb.BitBLASKernel(kern.settings)
     for name, (n, k) in SHAPES.items():
         t0 = time.perf_counter()
         why = fresh_kernel.unsupported_reason(n, k, -1, dev)
@@ -137,13 +143,11 @@ def main() -> int:
         res["shapes"][name]["cache_load_refused"] = why
         res["shapes"][name]["cache_load_rebuilt"] = (n, k) in fresh_kernel.build_seconds
 
-    auto_dir = tempfile.mkdtemp(prefix="qv_auto_")
-    os.environ["QUANTVLA_CACHE_DIR"] = auto_dir
-    auto.CANDIDATES = tuple(args.auto_candidates.split(","))
-    res["auto"] = {"candidates": list(auto.CANDIDATES)}
+    auto = Selector(candidates=args.auto_candidates.split(","), cache_dir=tempfile.mkdtemp(prefix="qv_auto_"))
+    res["auto"] = {"candidates": list(auto.candidates)}
     for name, (n, k) in SHAPES.items():
         for mb in _ints(args.auto_buckets):
-            res["auto"][f"{name}|M{mb}"] = auto.select_kernel(dev, n, k, mb, -1).name
+            res["auto"][f"{name}|M{mb}"] = auto.select(dev, n, k, mb, -1).name
     with open(auto.cache_path(res["device"])) as f:
         res["auto"]["cache_file"] = json.load(f)
 

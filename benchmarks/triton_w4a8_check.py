@@ -24,13 +24,14 @@ import time
 import torch
 import triton
 
+from quantvla_fx.kernel_support import m_bucket
+from quantvla_fx.kernels import timing
 from quantvla_fx.kernels.reference import ReferenceKernel
-from quantvla_fx.kernels.registry import m_bucket
+from quantvla_fx.kernels.triton.kernel import TritonW4A8Kernel
+from quantvla_fx.kernels.triton.launch import TileConfig, launch
+from quantvla_fx.kernels.triton.tiles import candidates
+from quantvla_fx.kernels.triton.tune import random_problem, time_configs
 from quantvla_fx.models.pi05.config import Pi05Config
-from quantvla_fx.kernels.triton_w4a8 import TritonW4A8Kernel
-from quantvla_fx.kernels.triton_w4a8_configs import candidates
-from quantvla_fx.kernels.triton_w4a8_launch import TileConfig, launch
-from quantvla_fx.kernels.triton_w4a8_tune import random_problem, time_configs
 
 SHAPES = Pi05Config.pi05_libero().mlp_gemm_shapes()  # name: (N, K)
 BENCH_M = (10, 50, 968)
@@ -181,7 +182,7 @@ def _graph_us(fns, expect=None, reps: int = 30) -> tuple[float, bool]:
 
 
 def _bench_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    return timing.median_us(fn, "cuda", warmup_ms=10, rep_ms=60) / 1000
 
 
 def phase_bench(kern: TritonW4A8Kernel) -> dict:

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from quantvla_fx.graph_utils import LINEAR_TARGETS, call_site_fqn, linear_args, param_fqn, placeholder_real_tensor
-from quantvla_fx.kernels.registry import kernel_unavailable_reason, get_kernel
+from quantvla_fx.kernel_support import cannot_run
 from quantvla_fx.report import LinearRecord
 from quantvla_fx.rewrite_context import LinearSite, RewriteContext
 from quantvla_fx.selection import SUPPORTED_DTYPES, weight_rule_violation
@@ -83,9 +83,7 @@ def _why_not_quantizable(real, wv, xv, k, n, cfg) -> str:
     if isinstance(xv, torch.Tensor) and xv.device != wv.device:
         return f"activation on {xv.device} but weight on {wv.device}"
     if cfg.kernel != "auto":
-        reason = kernel_unavailable_reason(cfg.kernel, wv.device)
-        if reason is None:
-            reason = get_kernel(cfg.kernel).unsupported_reason(n, k, cfg.group_size, wv.device)
+        reason = cannot_run(cfg.kernel, n, k, cfg.group_size, wv.device)  # shape rules only: nothing is built
         if reason:
             return f"kernel {cfg.kernel!r} cannot take it: {reason}"
     return ""

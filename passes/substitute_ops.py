@@ -12,7 +12,7 @@ import torch.fx as fx
 
 import quantvla_fx.ops  # noqa: F401  (registers torch.ops.quantvla.*)
 from quantvla_fx.graph_utils import propagate_fake, trace_into
-from quantvla_fx.kernels.registry import resolve_kernel
+from quantvla_fx.kernel_support import kernel_arg, report_name
 from quantvla_fx.quant.activations import quantize_per_token
 from quantvla_fx.rewrite_context import LinearSite, RewriteContext
 
@@ -53,14 +53,6 @@ def choose_epilogue(ctx: RewriteContext, site: LinearSite) -> str:
     return "fused" if ctx.config.epilogue == "auto" else ctx.config.epilogue
 
 
-def _token_hint(node: fx.Node) -> int:
-    v = node.meta.get("example_value")
-    m = 1
-    for d in v.shape[:-1]:
-        m *= d.node.hint if isinstance(d, torch.SymInt) and d.node.hint is not None else (d if isinstance(d, int) else 1)
-    return int(m)
-
-
 def _inserted_before(anchor: fx.Node, build) -> list[fx.Node]:
     """Run ``build()`` inserting before ``anchor``; returns its result and the new nodes in order."""
     start = anchor.prev
@@ -85,7 +77,7 @@ def _finish_nodes(ctx: RewriteContext, nodes: list[fx.Node], like: fx.Node) -> N
 def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
-    kernel = ctx.config.kernel
+    kernel = kernel_arg(ctx.config)  # the kernel name and this compile's kernel settings
     replaced: dict[fx.Node, fx.Node] = {}  # a group may read the output of an already replaced linear
     for group in ctx.groups:
         first = min(group.members, key=lambda s: order[s.node])
@@ -121,10 +113,7 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
             _finish_nodes(ctx, new, site.node)
             site.record.op = {"fused": "quantvla::w4a8_linear", "int32": "quantvla::w4a8_mm + aten epilogue",
                               "float": "aten.linear (quantize=False)"}[epilogue]
-            wv = site.weight
-            site.record.kernel = resolve_kernel(
-                kernel, wv.device, wv.shape[0], wv.shape[1], _token_hint(x), ctx.config.group_size
-            ).name
+            site.record.kernel = report_name(kernel, site.weight.device)  # chosen behind the op, at its first call
             site.node.replace_all_uses_with(y)
             graph.erase_node(site.node)
             replaced[site.node] = y

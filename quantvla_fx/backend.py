@@ -26,7 +26,7 @@ from .derived_inputs import DerivedInputProvider
 from .dump import GraphDumper
 from .graph_utils import clone_graph_module, fake_mode_of, finish
 from .inference_only import guard_outputs
-from .kernels.registry import kernel_unavailable_reason
+from .kernel_support import device_reason
 from .report import ReportBook
 
 log = logging.getLogger("quantvla_fx")
@@ -61,18 +61,10 @@ def _check_kernel_available(config: QuantVLAConfig, example_inputs) -> None:
         return
     devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor)} or {torch.device("cpu")}
     for dev in devices:
-        reason = kernel_unavailable_reason(config.kernel, dev)
+        reason = device_reason(config.kernel, dev)  # rules only; building waits for the first call
         if reason:
             raise RuntimeError(f"quantvla: kernel={config.kernel!r} was requested but cannot run on {dev}: {reason}. "
                                "Use kernel='auto' to fall back to a kernel that can.")
-
-
-def _configure_kernels(config: QuantVLAConfig) -> None:
-    """Hand the user's BitBLAS tuning switches to that kernel (only when they were set)."""
-    if config.kernel in ("auto", "bitblas") and (config.enable_tuning or config.opt_m):
-        from .kernels import bitblas
-
-        bitblas.configure(enable_tuning=config.enable_tuning or None, opt_m=config.opt_m or None)
 
 
 def rewrite(gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig):
@@ -102,7 +94,6 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig):
 def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None, mode: Optional[str] = None):
     config = QuantVLAConfig.from_options(options)
     _check_kernel_available(config, example_inputs)
-    _configure_kernels(config)
     new_gm, ctx = rewrite(gm, example_inputs, config)
     patches = _inductor_patches(mode, config)
     if config.lowering == "eager":

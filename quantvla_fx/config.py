@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 
 from .config_checks import (ConfigError, check_bool, check_inductor_options, check_int, check_int_tuple,
                             check_optional_path, check_packs)
+from .kernel_support import KERNELS
 
 log = logging.getLogger("quantvla_fx")
 
@@ -24,7 +25,6 @@ PI05_MLP_INCLUDE = (
 )
 PI05_EXCLUDE = (r"(?:^|\.)(norm|ln|layernorm|emb|embed|vision_tower)(?:\.|$)",)
 
-KERNELS = ("auto", "reference", "bitblas", "triton")
 EPILOGUES = ("auto", "fused", "int32")
 LOWERINGS = ("inductor", "eager")
 
@@ -219,6 +219,8 @@ class QuantVLAConfig:
             kw["enable_tuning"] = as_bool("ENABLE_TUNING", v)
         if (v := get("OPT_M")) is not None:
             kw["opt_m"] = tuple(as_int("OPT_M", p) for p in v.replace(" ", "").split(",") if p)
+            if any(m <= 0 for m in kw["opt_m"]):
+                raise ConfigError(f"{_ENV_PREFIX}OPT_M={v!r}: token counts must be positive")
         if (v := get("DEBUG")) is not None:
             kw["debug"] = as_bool("DEBUG", v)
         if (v := get("KERNEL")) is not None:

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from quantvla_fx.kernels import auto, registry
-from quantvla_fx.kernels.registry import get_kernel, register_kernel, resolve_kernel
+from quantvla_fx.kernels.registry import KernelRegistry, get_kernel
+from quantvla_fx.kernels.select import Selector, resolve_kernel
 
 CPU = torch.device("cpu")
 
@@ -31,18 +31,15 @@ class FakeKernel:
 
 
 @pytest.fixture
-def fakes(monkeypatch, tmp_path):
-    """Two fake kernels (fast-but-wrong, slower-but-exact) in a private registry and cache dir."""
-    monkeypatch.setattr(registry, "_KERNELS", dict(registry._KERNELS))
-    monkeypatch.setattr(registry, "_RESOLVED", {})
-    monkeypatch.setattr(auto, "_FILES", {})
-    monkeypatch.setattr(auto, "_CHECKED", set())
-    monkeypatch.setenv("QUANTVLA_CACHE_DIR", str(tmp_path))
-    get_kernel("reference")
+def fakes(tmp_path):
+    """Two fake kernels (fast-but-wrong, slower-but-exact) in a private registry and cache dir.
+
+    ``new_process()`` gives a selector that shares only the disk (what another process sees).
+    """
+    reg = KernelRegistry()
     kernels = {"fast_wrong": FakeKernel("fast_wrong", wrong=True), "slow_right": FakeKernel("slow_right")}
     for k in kernels.values():
-        register_kernel(k)
-    monkeypatch.setattr(auto, "CANDIDATES", ("fast_wrong", "slow_right", "reference"))
+        reg.register(k)
     times = {"fast_wrong": 1.0, "slow_right": 5.0, "reference": 50.0}
     measured = []
 
@@ -51,9 +48,13 @@ def fakes(monkeypatch, tmp_path):
         measured.append(kern.name)
         return times[kern.name]
 
-    monkeypatch.setattr(auto, "measure", fake_measure)
+    def new_process():
+        return Selector(reg, ("fast_wrong", "slow_right", "reference"), fake_measure, cache_dir=tmp_path)
+
     kernels["times"] = times
-    return kernels, measured, tmp_path
+    kernels["registry"] = reg
+    kernels["new_process"] = new_process
+    return new_process(), kernels, measured, tmp_path
 
 
 def test_auto_on_cpu_is_reference():
@@ -61,8 +62,8 @@ def test_auto_on_cpu_is_reference():
 
 
 def test_inexact_kernel_is_never_chosen_and_choice_is_cached(fakes):
-    kernels, measured, tmp_path = fakes
-    chosen = auto.select_kernel(CPU, 64, 128, 16, -1)
+    auto, kernels, measured, tmp_path = fakes
+    chosen = auto.select(CPU, 64, 128, 16, -1)
     assert chosen is kernels["slow_right"]
     assert measured == ["slow_right", "reference"]  # the wrong one was not even timed
 
@@ -73,64 +74,61 @@ def test_inexact_kernel_is_never_chosen_and_choice_is_cached(fakes):
     assert "fast_wrong" in entry["skipped"]
 
 
-def test_cache_is_reread_from_disk_without_measuring(fakes, monkeypatch):
-    kernels, measured, _ = fakes
-    auto.select_kernel(CPU, 64, 128, 16, -1)
-    monkeypatch.setattr(auto, "_FILES", {})  # a new process: nothing in memory
-    monkeypatch.setattr(auto, "_CHECKED", set())
+def test_cache_is_reread_from_disk_without_measuring(fakes):
+    auto, kernels, measured, _ = fakes
+    auto.select(CPU, 64, 128, 16, -1)
+    auto = kernels["new_process"]()  # a new process: nothing in memory
     measured.clear()
-    assert auto.select_kernel(CPU, 64, 128, 16, -1) is kernels["slow_right"]
+    assert auto.select(CPU, 64, 128, 16, -1) is kernels["slow_right"]
     assert measured == []
 
 
-def test_cached_choice_that_turned_wrong_is_remeasured(fakes, monkeypatch):
-    kernels, measured, _ = fakes
-    auto.select_kernel(CPU, 64, 128, 16, -1)
-    monkeypatch.setattr(auto, "_CHECKED", set())
+def test_cached_choice_that_turned_wrong_is_remeasured(fakes):
+    auto, kernels, measured, _ = fakes
+    auto.select(CPU, 64, 128, 16, -1)
+    auto = kernels["new_process"]()  # nothing verified yet in this one
     kernels["slow_right"].wrong = True
-    assert auto.select_kernel(CPU, 64, 128, 16, -1) is get_kernel("reference")
+    assert auto.select(CPU, 64, 128, 16, -1) is get_kernel("reference")
 
 
-def test_new_kernel_available_triggers_a_new_measurement(fakes, monkeypatch):
-    kernels, measured, _ = fakes
-    auto.select_kernel(CPU, 64, 128, 16, -1)
-    newcomer = register_kernel(FakeKernel("newcomer"))
+def test_new_kernel_available_triggers_a_new_measurement(fakes):
+    auto, kernels, measured, _ = fakes
+    auto.select(CPU, 64, 128, 16, -1)
+    newcomer = kernels["registry"].register(FakeKernel("newcomer"))
     kernels["times"]["newcomer"] = 2.0
-    monkeypatch.setattr(auto, "CANDIDATES", ("fast_wrong", "slow_right", "newcomer", "reference"))
+    auto.candidates = ("fast_wrong", "slow_right", "newcomer", "reference")
     measured.clear()
-    assert auto.select_kernel(CPU, 64, 128, 16, -1) is newcomer
+    assert auto.select(CPU, 64, 128, 16, -1) is newcomer
     assert measured == ["slow_right", "newcomer", "reference"]
 
 
 def test_keys_separate_shapes_and_buckets(fakes):
-    _, measured, tmp_path = fakes
-    auto.select_kernel(CPU, 64, 128, 16, -1)
-    auto.select_kernel(CPU, 64, 128, 32, -1)
-    auto.select_kernel(CPU, 64, 256, 16, 128)
+    auto, _, measured, tmp_path = fakes
+    auto.select(CPU, 64, 128, 16, -1)
+    auto.select(CPU, 64, 128, 32, -1)
+    auto.select(CPU, 64, 256, 16, 128)
     (path,) = tmp_path.glob("auto_kernels_*.json")
     keys = set(json.loads(path.read_text())["entries"])
     assert keys == {"cpu|64|128|16|-1", "cpu|64|128|32|-1", "cpu|64|256|16|128"}
 
 
-def test_unloadable_candidate_is_skipped(fakes, monkeypatch):
-    kernels, _, _ = fakes
-    monkeypatch.setattr(auto, "CANDIDATES", ("does_not_exist", "slow_right", "reference"))
-    assert auto.select_kernel(CPU, 32, 64, 1, -1) is kernels["slow_right"]
+def test_unloadable_candidate_is_skipped(fakes):
+    auto, kernels, _, _ = fakes
+    auto.candidates = ("does_not_exist", "slow_right", "reference")
+    assert auto.select(CPU, 32, 64, 1, -1) is kernels["slow_right"]
 
 
 def test_unreadable_cache_file_is_ignored(fakes):
-    kernels, _, tmp_path = fakes
+    auto, kernels, _, tmp_path = fakes
     (tmp_path / "auto_kernels_cpu.json").write_text("{not json")
-    assert auto.select_kernel(CPU, 32, 64, 1, -1) is kernels["slow_right"]
+    assert auto.select(CPU, 32, 64, 1, -1) is kernels["slow_right"]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_auto_on_gpu_picks_a_verified_kernel(tmp_path, monkeypatch):
-    monkeypatch.setenv("QUANTVLA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(auto, "_FILES", {})
+def test_auto_on_gpu_picks_a_verified_kernel(tmp_path):
     dev = torch.device("cuda")
-    kern = auto.select_kernel(dev, 4096, 1024, 16, -1)
+    kern = Selector(cache_dir=tmp_path).select(dev, 4096, 1024, 16, -1)
     from quantvla_fx.quant.int4_pack import pack_int4
 
     x = torch.randint(-128, 128, (16, 1024), dtype=torch.int8, device=dev)

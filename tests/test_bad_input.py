@@ -170,10 +170,19 @@ def test_pi05_default_selection_matches_the_seeds():
 
 
 def test_bitblas_tuning_switches_reach_the_kernel(monkeypatch):
-    from quantvla_fx.kernels import bitblas
+    import dataclasses
+
+    from quantvla_fx.kernel_support import parse_kernel_arg
+    from quantvla_fx.kernels import select
 
     seen = {}
-    monkeypatch.setattr(bitblas, "configure", lambda **kw: seen.update(kw))
+    real = select.resolve_kernel
+
+    def spy(arg, *args):  # what the op hands to kernel selection at its call: this compile's settings
+        seen.update(dataclasses.asdict(parse_kernel_arg(arg)[1]))
+        return real(arg, *args)
+
+    monkeypatch.setattr(select, "resolve_kernel", spy)
     cfg = QuantVLAConfig.from_env({"OPENPI_BITBLAS_ENABLE_TUNING": "1", "OPENPI_BITBLAS_OPT_M": "16,64"}, include=(".*",))
     torch.compile(Odd(32), backend="quantvla", options=cfg.to_options())(torch.randn(2, 32))
     assert seen == {"enable_tuning": True, "opt_m": (16, 64)}

@@ -4,10 +4,15 @@ import shutil
 import pytest
 import torch
 
+from quantvla_fx import QuantVLAConfig, kernel_support
 from quantvla_fx.models.pi05.config import Pi05Config
-from quantvla_fx.kernels import bitblas_build, bitblas_env
-from quantvla_fx.kernels import bitblas as bb
-from quantvla_fx.kernels.registry import get_kernel, resolve_kernel
+from quantvla_fx.kernels import verify
+from quantvla_fx.kernels.bitblas import build as bitblas_build
+from quantvla_fx.kernels.bitblas import env as bitblas_env
+from quantvla_fx.kernels.bitblas import kernel as bb
+from quantvla_fx.kernels.registry import get_kernel
+from quantvla_fx.kernels.select import resolve_kernel
+from quantvla_fx.kernel_support import KernelSettings, kernel_arg, parse_kernel_arg
 from quantvla_fx.quant.int4_pack import pack_int4
 
 CPU = torch.device("cpu")
@@ -17,12 +22,17 @@ MS = [1, 10, 50, 968, 1024, 1500]
 
 @pytest.fixture
 def settings(monkeypatch):
-    """Each test starts from the environment's settings and leaves none behind."""
-    monkeypatch.setattr(bb, "_SETTINGS", {"enable_tuning": None, "opt_m": None, "cache_dir": None})
-    monkeypatch.setattr(bb, "_RESOLVED_SETTINGS", [])
-    for var in ("OPENPI_BITBLAS_ENABLE_TUNING", "OPENPI_BITBLAS_OPT_M", "QUANTVLA_BITBLAS_CACHE"):
+    """Each test starts from an environment without the settings' variables and leaves none behind."""
+    for var in ("OPENPI_BITBLAS_ENABLE_TUNING", "OPENPI_BITBLAS_OPT_M", "QUANTVLA_BITBLAS_CACHE", "QUANTVLA_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
+
+
+def _kernel_settings(config: QuantVLAConfig) -> KernelSettings:
+    """What the bitblas kernel of a compile with this config is built with (via the op's argument)."""
+    name, kernel_settings = parse_kernel_arg(kernel_arg(config))
+    assert name == config.kernel
+    return kernel_settings
 
 
 def test_registered_under_its_name():
@@ -36,7 +46,7 @@ def test_cpu_is_refused_with_a_sentence():
 
 
 def test_missing_package_is_named(monkeypatch):
-    monkeypatch.setattr(bitblas_env, "bitblas_installed", lambda: False)
+    monkeypatch.setattr(kernel_support, "installed", lambda package: package != "bitblas")
     reason = bb.BitBLASKernel().unavailable_reason(torch.device("cuda"))
     assert reason == "bitblas is not installed (pip install quantvla-fx[bitblas])."
 
@@ -60,12 +70,17 @@ def test_supported_shape_on_cpu_reports_the_device():
 
 
 def test_settings_from_env_and_configure(settings):
-    assert bb.opt_m() == bb.DEFAULT_OPT_M and bb.enable_tuning() is False
+    s = _kernel_settings(QuantVLAConfig.from_env(kernel="bitblas"))
+    assert bb.opt_m(s) == bb.DEFAULT_OPT_M and s.enable_tuning is False
     settings.setenv("OPENPI_BITBLAS_OPT_M", "64, 16,16,256")
     settings.setenv("OPENPI_BITBLAS_ENABLE_TUNING", "1")
-    assert bb.opt_m() == (16, 64, 256) and bb.enable_tuning() is True
-    bb.configure(enable_tuning=False, opt_m=[32, 8])
-    assert bb.opt_m() == (8, 32) and bb.enable_tuning() is False
+    s = _kernel_settings(QuantVLAConfig.from_env(kernel="bitblas"))
+    assert bb.opt_m(s) == (16, 64, 256) and s.enable_tuning is True
+    s = _kernel_settings(QuantVLAConfig.from_env(kernel="bitblas", enable_tuning=False, opt_m=[32, 8]))
+    assert bb.opt_m(s) == (8, 32) and s.enable_tuning is False
+    # Each set of settings has its own kernel object (and operators): compiles do not share them.
+    assert bb.kernel_for(s) is bb.kernel_for(KernelSettings(opt_m=(32, 8))) is not bb.KERNEL
+    assert bb.kernel_for(s)._key(64, 64) == (64, 64, (8, 32), False)
 
 
 @pytest.mark.parametrize("var,value", [("OPENPI_BITBLAS_OPT_M", "16,x"), ("OPENPI_BITBLAS_OPT_M", "0,16"),
@@ -73,7 +88,7 @@ def test_settings_from_env_and_configure(settings):
 def test_bad_env_values_name_the_variable(settings, var, value):
     settings.setenv(var, value)
     with pytest.raises(ValueError, match=var):
-        bb.opt_m() if "OPT_M" in var else bb.enable_tuning()
+        QuantVLAConfig.from_env(kernel="bitblas")
 
 
 def test_cache_dir_env_and_default(settings, tmp_path):
@@ -92,9 +107,9 @@ def test_wrapper_gencode_becomes_compute80_with_real_sass():
 
 def test_exact_check_catches_a_wrong_kernel():
     ref = get_kernel("reference")
-    assert bb._exact_check(ref.mm, 32, 64, CPU, (1, 17)) is None
+    assert verify.check_mm(ref.mm, 32, 64, CPU, (1, 17)) is None
     off_by_one = lambda x, w: ref.mm(x, w) + (x.shape[0] == 17)  # noqa: E731  wrong at M=17 only
-    assert "wrong results at M=17" in bb._exact_check(off_by_one, 32, 64, CPU, (1, 17))
+    assert "wrong results at M=17" in verify.check_mm(off_by_one, 32, 64, CPU, (1, 17))
 
 
 def test_refused_operator_is_reported_and_not_rebuilt(settings):

@@ -29,8 +29,8 @@ _INTERPRET_SCRIPT = textwrap.dedent(
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from quantvla_fx.kernels.reference import ReferenceKernel
-    from quantvla_fx.kernels.triton_w4a8 import TritonW4A8Kernel
-    from quantvla_fx.kernels.triton_w4a8_launch import TileConfig, launch
+    from quantvla_fx.kernels.triton.kernel import TritonW4A8Kernel
+    from quantvla_fx.kernels.triton.launch import TileConfig, launch
     from quantvla_fx.quant.int4_pack import pack_int4
 
     ref = ReferenceKernel()
@@ -91,8 +91,9 @@ def test_registered_and_reports_reasons():
 
 def test_config_cache_roundtrip(tmp_path, monkeypatch):
     pytest.importorskip("triton")
-    from quantvla_fx.kernels.triton_w4a8_configs import ConfigCache, cache_path, candidates
-    from quantvla_fx.kernels.triton_w4a8_launch import TileConfig
+    from quantvla_fx.kernels.triton.launch import TileConfig
+    from quantvla_fx.kernels.triton.tiles import candidates
+    from quantvla_fx.kernels.triton.tune import ConfigCache, cache_path
 
     monkeypatch.setenv("QUANTVLA_CACHE_DIR", str(tmp_path))
     assert cache_path("NVIDIA H200") == tmp_path / "triton" / "NVIDIA_H200.json"
@@ -115,7 +116,7 @@ gpu = pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason=
 @pytest.fixture(scope="module")
 def cuda_kernel(tmp_path_factory):
     os.environ.setdefault("QUANTVLA_CACHE_DIR", str(tmp_path_factory.mktemp("quantvla_cache")))
-    from quantvla_fx.kernels.triton_w4a8 import TritonW4A8Kernel
+    from quantvla_fx.kernels.triton.kernel import TritonW4A8Kernel
 
     return TritonW4A8Kernel()
 

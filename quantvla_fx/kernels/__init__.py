@@ -1,15 +1,7 @@
 """W4A8 GEMM kernels behind the quantvla custom ops.
 
-Each kernel lives in its own module and registers itself with :mod:`.registry`.  Passes never
-import kernels; the ops ask the registry which kernel runs for a (device, N, K, M) at call time.
+``registry`` (kernels by name), ``select`` (which one runs: the op's entry point), ``verify``
+(exactness against ``reference``), ``cache`` (per-GPU files), ``timing``; one folder per kernel
+family (``triton/``, ``bitblas/``).  Passes never import this package: they ask
+``quantvla_fx.kernel_support``, which answers from shape and device rules alone.
 """
-from .registry import KERNEL_CHOICES, W4A8Kernel, available_kernels, get_kernel, register_kernel, resolve_kernel
-
-__all__ = [
-    "KERNEL_CHOICES",
-    "W4A8Kernel",
-    "available_kernels",
-    "get_kernel",
-    "register_kernel",
-    "resolve_kernel",
-]

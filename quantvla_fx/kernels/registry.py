@@ -1,26 +1,28 @@
-"""Kernel registry: which W4A8 implementation runs for a given device and GEMM shape.
+"""Kernel registry: the W4A8 kernel objects by name, loaded on first use.
 
 A kernel is an object with ``name``, ``unavailable_reason(device)``, ``unsupported_reason(n, k,
-group_size, device)``, ``mm(x_q, w_packed) -> int32`` and ``linear(x_q, x_scale, w_packed, w_scale,
-bias, out_dtype)``.  Optional kernels (bitblas, triton) are imported lazily so that a CPU-only
-install never touches CUDA libraries.
+group_size, device)``, ``mm(x_q, w_packed) -> int32`` and ``linear(x_q, x_scale, w_packed,
+w_scale, bias, out_dtype)``.  Each kernel module exposes ``kernel_for(settings)``; the registry
+imports it by name only when that kernel is asked for, so a CPU-only install never touches CUDA
+libraries, and no kernel module imports the registry (no cycle).  Tests build their own
+``KernelRegistry`` and register fakes on it.
 """
 from __future__ import annotations
 
 import importlib
 import logging
-from typing import Optional, Protocol
+from typing import Mapping, Optional, Protocol
 
 import torch
 
+from ..kernel_support import DEFAULT_SETTINGS, KernelSettings
+
 log = logging.getLogger("quantvla_fx")
 
-KERNEL_CHOICES = ("auto", "reference", "bitblas", "triton")
-# Modules that register the optional kernels when imported.
-_LAZY_MODULES = {
+MODULES = {
     "reference": "quantvla_fx.kernels.reference",
-    "triton": "quantvla_fx.kernels.triton_w4a8",
-    "bitblas": "quantvla_fx.kernels.bitblas",
+    "triton": "quantvla_fx.kernels.triton.kernel",
+    "bitblas": "quantvla_fx.kernels.bitblas.kernel",
 }
 
 
@@ -36,68 +38,48 @@ class W4A8Kernel(Protocol):
     def linear(self, x_q, x_scale, w_packed, w_scale, bias, out_dtype) -> torch.Tensor: ...
 
 
-_KERNELS: dict[str, W4A8Kernel] = {}
-_IMPORT_ERRORS: dict[str, str] = {}
-_RESOLVED: dict[tuple, W4A8Kernel] = {}
+class KernelRegistry:
+    """Kernels by name: registered objects first, then the modules in ``modules`` (imported lazily)."""
 
+    def __init__(self, modules: Mapping[str, str] = MODULES):
+        self._modules = dict(modules)
+        self._kernels: dict[str, W4A8Kernel] = {}
+        self._import_errors: dict[str, str] = {}
 
-def register_kernel(kernel: W4A8Kernel) -> W4A8Kernel:
-    _KERNELS[kernel.name] = kernel
-    _RESOLVED.clear()
-    return kernel
+    def register(self, kernel: W4A8Kernel) -> W4A8Kernel:
+        """Use ``kernel`` for its name (whatever the settings), e.g. a fake in a test."""
+        self._kernels[kernel.name] = kernel
+        return kernel
 
+    def get(self, name: str, settings: KernelSettings = DEFAULT_SETTINGS) -> W4A8Kernel:
+        """The kernel called ``name`` for these settings; raises with the reason when it cannot load."""
+        if name in self._kernels:
+            return self._kernels[name]
+        if name not in self._modules:
+            raise KeyError(f"unknown quantvla kernel {name!r}; known kernels: {sorted(set(self._kernels) | set(self._modules))}")
+        if name not in self._import_errors:
+            try:
+                return importlib.import_module(self._modules[name]).kernel_for(settings)
+            except Exception as e:  # an optional dependency is missing or broken
+                self._import_errors[name] = f"{type(e).__name__}: {e}"
+                log.debug("kernel %s unavailable: %s", name, self._import_errors[name])
+        raise RuntimeError(f"quantvla kernel {name!r} cannot be loaded: {self._import_errors[name]}")
 
-def get_kernel(name: str) -> W4A8Kernel:
-    """The kernel called ``name``; raises with the reason when it cannot be imported."""
-    if name not in _KERNELS and name in _LAZY_MODULES and name not in _IMPORT_ERRORS:
+    def unavailable_reason(self, name: str, device, settings: KernelSettings = DEFAULT_SETTINGS) -> Optional[str]:
+        """None if kernel ``name`` loads and can run on ``device``, else a sentence saying why not."""
         try:
-            importlib.import_module(_LAZY_MODULES[name])
-        except Exception as e:  # an optional dependency is missing or broken
-            _IMPORT_ERRORS[name] = f"{type(e).__name__}: {e}"
-            log.debug("kernel %s unavailable: %s", name, _IMPORT_ERRORS[name])
-    if name in _KERNELS:
-        return _KERNELS[name]
-    if name in _IMPORT_ERRORS:
-        raise RuntimeError(f"quantvla kernel {name!r} cannot be loaded: {_IMPORT_ERRORS[name]}")
-    raise KeyError(f"unknown quantvla kernel {name!r}; known kernels: {sorted(set(_KERNELS) | set(_LAZY_MODULES))}")
+            kern = self.get(name, settings)
+        except (RuntimeError, KeyError) as e:
+            return str(e)
+        return kern.unavailable_reason(torch.device(device))
 
 
-def kernel_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
-    """None if kernel ``name`` can run on ``device``, else a sentence saying why not."""
-    try:
-        k = get_kernel(name)
-    except (RuntimeError, KeyError) as e:
-        return str(e)
-    return k.unavailable_reason(torch.device(device))
+REGISTRY = KernelRegistry()
 
 
-def available_kernels(device: torch.device) -> list[str]:
-    return [n for n in _LAZY_MODULES if kernel_unavailable_reason(n, device) is None]
+def get_kernel(name: str, settings: KernelSettings = DEFAULT_SETTINGS) -> W4A8Kernel:
+    return REGISTRY.get(name, settings)
 
 
-def m_bucket(m: int) -> int:
-    """Token counts are grouped in powers of two for per-shape selection."""
-    return 1 << max(0, (max(m, 1) - 1).bit_length())
-
-
-def resolve_kernel(choice: str, device: torch.device, n: int, k: int, m: int, group_size: int = -1) -> W4A8Kernel:
-    """The kernel that runs a W4A8 GEMM of this shape ("auto" measures, see kernels/auto.py)."""
-    device = torch.device(device)
-    key = (choice, device.type, device.index, n, k, m_bucket(m), group_size)
-    hit = _RESOLVED.get(key)
-    if hit is not None:
-        return hit
-    if choice == "auto":
-        if device.type == "cpu":
-            kern = get_kernel("reference")
-        else:
-            from .auto import select_kernel  # GPU-only: measures candidates once per shape
-
-            kern = select_kernel(device, n, k, m_bucket(m), group_size)
-    else:
-        kern = get_kernel(choice)
-        reason = kern.unavailable_reason(device) or kern.unsupported_reason(n, k, group_size, device)
-        if reason:
-            raise RuntimeError(f"quantvla kernel {choice!r} cannot run N={n}, K={k} on {device}: {reason}")
-    _RESOLVED[key] = kern
-    return kern
+def kernel_unavailable_reason(name: str, device) -> Optional[str]:
+    return REGISTRY.unavailable_reason(name, device)

@@ -1,8 +1,9 @@
 """``quantvla::w4a8_mm`` (exact int32 out) and ``quantvla::w4a8_linear`` (scaled, fused epilogue).
 
 Both take activations already quantized per token (int8 [..., K]) and weights in the canonical
-packed int4 format (int8 [N, K/2], see quant/int4_pack.py).  The kernel that runs is chosen by the
-registry at call time from (device, N, K, M); the graph only carries the user's choice string.
+packed int4 format (int8 [N, K/2], see quant/int4_pack.py).  The kernel that runs is chosen at
+call time from (device, N, K, M) by kernels/select.py; the graph only carries the compile's choice
+string (``kernel_support.kernel_arg``: the kernel name and its settings).
 
 Tagged ``flexible_layout`` so that Inductor lets q/k/v (or gate/up) share one int8 activation
 buffer instead of copying it per consumer; the implementations therefore accept any strides.
@@ -13,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels.registry import resolve_kernel
+from ..kernels import select
 
 _TAGS = (torch.Tag.flexible_layout,)
 
@@ -40,7 +41,7 @@ def w4a8_mm(x_q: torch.Tensor, w_packed: torch.Tensor, kernel: str = "auto") -> 
     n, k = _check_common(x_q, w_packed, "quantvla::w4a8_mm")
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, k)
-    kern = resolve_kernel(kernel, x_q.device, n, k, x2.shape[0])
+    kern = select.resolve_kernel(kernel, x_q.device, n, k, x2.shape[0])
     return kern.mm(x2, w_packed.view(torch.int8)).reshape(*lead, n)
 
 
@@ -65,7 +66,7 @@ def w4a8_linear(
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, k)
     s2 = x_scale.reshape(-1, 1)
-    kern = resolve_kernel(kernel, x_q.device, n, k, x2.shape[0], _group_size(w_scale, k))
+    kern = select.resolve_kernel(kernel, x_q.device, n, k, x2.shape[0], _group_size(w_scale, k))
     out = kern.linear(x2, s2, w_packed.view(torch.int8), w_scale, bias, out_dtype)
     return out.reshape(*lead, n)
 

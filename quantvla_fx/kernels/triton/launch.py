@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import triton
 
-from .triton_w4a8_kernel import w4a8_kernel
+from .jit import w4a8_kernel
 
 # triton.jit reads TRITON_INTERPRET when the kernel is decorated: inline PTX cannot run there.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -53,10 +53,6 @@ const char *nvrtcGetErrorString(int r) {
 """
 
 
-def bitblas_installed() -> bool:
-    return importlib.util.find_spec("bitblas") is not None
-
-
 def _nvidia_wheel_dirs(subdir: str) -> list[str]:
     """``<site>/nvidia/<subdir>/lib`` for every place the nvidia-* wheels may be installed."""
     roots = list(sys.path)

@@ -1,9 +1,8 @@
-"""``triton`` kernel: our own W4A8 GEMM (int8 tensor-core dot, int4 weights decoded in registers).
+"""The ``triton`` kernel object: picks a tile configuration per GEMM and launches the kernel.
 
-The kernel is in triton_w4a8_kernel.py, its launch in triton_w4a8_launch.py, the choice of tile
-configuration (tuned once per GPU, N, K and M bucket, cached on disk) in triton_w4a8_configs.py
-and triton_w4a8_tune.py.  This module imports without a GPU; without triton the kernel registers
-anyway and says why it cannot run.
+The configuration comes from this process's memory, the per-GPU tuning cache (tune.py), a
+measurement now, or the heuristic (tiles.py).  This module imports without a GPU; without a
+usable triton the kernel is still handed out and says why it cannot run.
 """
 from __future__ import annotations
 
@@ -14,15 +13,16 @@ from typing import Optional
 
 import torch
 
-from .registry import m_bucket, register_kernel
+from ...kernel_support import device_reason, m_bucket, shape_reason
 
 log = logging.getLogger("quantvla_fx")
 
 try:
     import triton  # noqa: F401
 
-    from .triton_w4a8_configs import ConfigCache, candidates, heuristic
-    from .triton_w4a8_launch import INTERPRET, TileConfig, launch
+    from .launch import INTERPRET, TileConfig, launch
+    from .tiles import candidates, heuristic
+    from .tune import ConfigCache, best_config
 
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as e:  # triton missing (or too old to provide the APIs used)
@@ -42,24 +42,10 @@ class TritonW4A8Kernel:
         self._lock = threading.Lock()
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
-        if _IMPORT_ERROR:
-            return _IMPORT_ERROR
-        device = torch.device(device)
-        if device.type != "cuda":
-            return f"the triton W4A8 kernel needs a CUDA device, got {device.type}"
-        if not torch.cuda.is_available():
-            return "the triton W4A8 kernel needs a CUDA device, and torch.cuda is not available"
-        cap = torch.cuda.get_device_capability(device)
-        if cap < (8, 0):
-            return f"the triton W4A8 kernel needs int8 tensor cores (compute capability 8.0+), this GPU is {cap[0]}.{cap[1]}"
-        return None
+        return _IMPORT_ERROR or device_reason(self.name, device)
 
     def unsupported_reason(self, n: int, k: int, group_size: int, device: torch.device) -> Optional[str]:
-        if k % 2:
-            return f"K={k} is odd; packed int4 weights need an even K"
-        if group_size not in (-1, k):
-            return f"per-group weight scales (group_size={group_size}) are not supported by the triton kernel; only per-channel"
-        return None
+        return shape_reason(self.name, n, k, group_size)
 
     # -- configuration choice ------------------------------------------------------------------
 
@@ -84,22 +70,21 @@ class TritonW4A8Kernel:
             if cfg is not None:
                 return cfg
             cache = self._cache_for(device)
+            gpu = cache.gpu_name
             cfg = cache.get(n, k, b, scaled)
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             if cfg is None and torch.cuda.is_current_stream_capturing():
                 # Timing is impossible inside graph capture: use the heuristic, cache nothing.
                 log.warning("triton W4A8: no tuned config for N=%d K=%d M<=%d during CUDA-graph capture; using a heuristic one", n, k, b)
-                return heuristic(n, k, m, sms)
+                return heuristic(n, k, m, sms, gpu)
             if cfg is None and _autotune_enabled():
-                from .triton_w4a8_tune import best_config
-
-                log.info("triton W4A8: tuning N=%d K=%d M<=%d on %s", n, k, b, cache.gpu_name)
-                cfg, us = best_config(n, k, b, candidates(n, k, b, sms), device, scaled)
+                log.info("triton W4A8: tuning N=%d K=%d M<=%d on %s", n, k, b, gpu)
+                cfg, us = best_config(n, k, b, candidates(n, k, b, sms, gpu_name=gpu), device, scaled)
                 if cfg is not None:
                     cache.put(n, k, b, cfg, us, scaled)
                     log.info("triton W4A8: N=%d K=%d M<=%d -> %s (%.1f us)", n, k, b, cfg.key(), us)
             if cfg is None:
-                cfg = heuristic(n, k, m, sms)
+                cfg = heuristic(n, k, m, sms, gpu)
             self._configs[key] = cfg
             return cfg
 
@@ -117,4 +102,9 @@ class TritonW4A8Kernel:
         return launch(x_q, w_packed.view(torch.int8), cfg, x_scale, w_scale, bias, out_dtype)
 
 
-register_kernel(TritonW4A8Kernel())
+KERNEL = TritonW4A8Kernel()
+
+
+def kernel_for(settings) -> TritonW4A8Kernel:
+    """Triton has no per-compile settings: one instance (and its tuned tiles) serves every compile."""
+    return KERNEL
