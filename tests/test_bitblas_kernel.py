@@ -79,7 +79,7 @@ def test_settings_from_env_and_configure(settings):
     s = _kernel_settings(QuantVLAConfig.from_env(kernel="bitblas", enable_tuning=False, opt_m=[32, 8]))
     assert bb.opt_m(s) == (8, 32) and s.enable_tuning is False
     # Each set of settings has its own kernel object (and operators): compiles do not share them.
-    assert bb.kernel_for(s) is bb.kernel_for(KernelSettings(opt_m=(32, 8))) is not bb.KERNEL
+    assert get_kernel("bitblas", s) is bb.kernel_for(KernelSettings(opt_m=(32, 8))) is not bb.KERNEL
     assert bb.kernel_for(s)._key(64, 64) == (64, 64, (8, 32), False)
 
 
