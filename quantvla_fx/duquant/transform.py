@@ -8,13 +8,14 @@ rounding instead of to the ~1e-7 orthogonality error of an fp32 rotation.
 
 A rotation tensor is [nb, B, B] (one matrix per block: QuantVLA) or [1, B, B] (one matrix shared
 by all blocks: DuQuant's code).  Everything on the activation path is plain aten ops
-(unflatten/reshape, matmul, index_select) so Dynamo/Inductor can trace it with symbolic M.
+(unflatten/reshape, matmul, index_select) so Dynamo/Inductor can trace it with symbolic M, and
+compiled graphs run these very functions (apply_activation_transform, restore_rows), traced.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -32,19 +33,53 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def block_rotate(x: Tensor, rot: Tensor) -> Tensor:
-    """x [..., nb*B] @ blockdiag(rot) where rot is [1, B, B] (shared) or [nb, B, B]."""
-    nblk, b = rot.shape[0], rot.shape[-1]
-    k = x.shape[-1]
-    nb = k // b
-    if nblk == 1:
-        return torch.matmul(x.unflatten(-1, (nb, b)), rot[0]).flatten(-2)
+class Blocks(NamedTuple):
+    """How a rotation tiles the last dim: ``count`` blocks of ``size``, ``shared`` one matrix by all."""
+
+    count: int
+    size: int
+    shared: bool
+
+    @staticmethod
+    def of(rot: Tensor, k: int) -> "Blocks":
+        return Blocks(k // rot.shape[-1], rot.shape[-1], rot.shape[0] == 1)
+
+
+def block_rotate(x: Tensor, rot: Tensor, blocks: Optional[Blocks] = None) -> Tensor:
+    """x [..., nb*B] @ blockdiag(rot) where rot is [1, B, B] (shared) or [nb, B, B].
+
+    The one block rotation: compiled graphs trace it with rot a graph input, whose shape cannot
+    be read while tracing, so they pass ``blocks``; everyone else lets it be read from rot.
+    """
+    b = blocks if blocks is not None else Blocks.of(rot, x.shape[-1])
+    if b.shared:
+        return torch.matmul(x.unflatten(-1, (b.count, b.size)), rot[0]).flatten(-2)
     # Per-block matrices: put the block index first and run one batched matmul
     # ([nb, T, B] @ [nb, B, B]); broadcasting [..., nb, 1, B] @ [nb, B, B] would materialize rot
     # once per token.
-    xb = x.reshape(-1, nb, b).transpose(0, 1)
-    y = torch.bmm(xb, rot).transpose(0, 1)
-    return y.reshape(x.shape)
+    xb = x.reshape(-1, b.count, b.size).transpose(0, 1)
+    return torch.bmm(xb, rot).transpose(0, 1).reshape_as(x)
+
+
+def apply_activation_transform(x: Tensor, dtype: torch.dtype, smooth: Optional[Tensor] = None,
+                               rot1: Optional[Tensor] = None, perm: Optional[Tensor] = None,
+                               rot2: Optional[Tensor] = None, blocks1: Optional[Blocks] = None,
+                               blocks2: Optional[Blocks] = None) -> Tensor:
+    """x -> x / smooth -> rot1 -> x[..., perm] -> rot2, in ``dtype``; every step optional.
+
+    The tensors must already be in ``dtype`` (perm int64) on x's device.  DuQuantTransform runs
+    this, and compiled graphs trace it with the tensors as graph inputs: one activation path.
+    """
+    x = x.to(dtype)
+    if smooth is not None:
+        x = x / smooth
+    if rot1 is not None:
+        x = block_rotate(x, rot1, blocks1)
+    if perm is not None:
+        x = torch.index_select(x, -1, perm)
+    if rot2 is not None:
+        x = block_rotate(x, rot2, blocks2)
+    return x
 
 
 def rotate_weight_rows(w: Tensor, out_rot: Tensor) -> Tensor:
@@ -64,7 +99,13 @@ def rotate_weight_rows(w: Tensor, out_rot: Tensor) -> Tensor:
 
 def restore_output(y: Tensor, out_rot: Tensor) -> Tensor:
     """Undo the output rotation on a GEMM result: y[..., rows_b] @ R_out_b (QuantVLA "restore")."""
-    return block_rotate(y, out_rot.to(device=y.device, dtype=y.dtype))
+    dtype = _compute_dtype(y.dtype)
+    return restore_rows(y, out_rot.to(device=y.device, dtype=dtype), Blocks.of(out_rot, y.shape[-1]), dtype, y.dtype)
+
+
+def restore_rows(y: Tensor, out_rot: Tensor, blocks: Blocks, dtype: torch.dtype, out_dtype: torch.dtype) -> Tensor:
+    """restore_output with out_rot already in ``dtype`` on y's device: what compiled graphs trace."""
+    return block_rotate(y.to(dtype), out_rot, blocks).to(out_dtype)
 
 
 def tensor_fingerprint(t: Optional[Tensor]) -> Optional[str]:
@@ -126,24 +167,19 @@ class DuQuantTransform:
     def rotate_activation(self, x: Tensor, rot1: Optional[Tensor] = None, perm: Optional[Tensor] = None,
                           rot2: Optional[Tensor] = None) -> Tensor:
         """rot1 -> perm -> rot2 along the last dim (no smoothing). Arguments override the stored
-        tensors (the backend passes graph-input copies of them)."""
-        rot1 = self.rot1 if rot1 is None else rot1
-        perm = self.perm if perm is None else perm
-        rot2 = self.rot2 if rot2 is None else rot2
-        x = x.to(_compute_dtype(x.dtype))
-        if rot1 is not None:
-            x = block_rotate(x, rot1.to(device=x.device, dtype=x.dtype))
-        if perm is not None:
-            x = x.index_select(-1, perm.to(x.device))
-        if rot2 is not None:
-            x = block_rotate(x, rot2.to(device=x.device, dtype=x.dtype))
-        return x
+        tensors."""
+        return self._activation(x, False, self.rot1 if rot1 is None else rot1,
+                                self.perm if perm is None else perm, self.rot2 if rot2 is None else rot2)
 
     def transform_activation(self, x: Tensor) -> Tensor:
-        x = x.to(_compute_dtype(x.dtype))
-        if self.smooth is not None:
-            x = x / self.smooth.to(device=x.device, dtype=x.dtype)
-        return self.rotate_activation(x)
+        return self._activation(x, True, self.rot1, self.perm, self.rot2)
+
+    def _activation(self, x: Tensor, smooth: bool, rot1, perm, rot2) -> Tensor:
+        dtype = _compute_dtype(x.dtype)
+        on = lambda t: None if t is None else t.to(device=x.device, dtype=dtype)  # noqa: E731
+        return apply_activation_transform(
+            x, dtype, on(self.smooth) if smooth else None, on(rot1),
+            None if perm is None else perm.to(x.device), on(rot2))
 
     # -- weight side -------------------------------------------------------------------------
     def transform_weight(self, w: Tensor) -> Tensor:
