@@ -1,17 +1,12 @@
 """Pass 3: attach DuQuant transforms to input groups; fold what algebra allows, the rest runs online.
 
 Per group (linears reading one activation) the pack's transform is  x -> x/s -> R1 -> P -> R2.
-* Smoothing ``1/s`` is folded, exactly, into the op before when the pattern allows:
-  - a Gemma RMSNorm ``normed * (1 + w)`` whose weight is a graph input: ``w' = (1 + w)/s - 1``
-    becomes a derived graph input (recomputed if w changes) for this use;
-  - an adaRMS norm ``normed * (1 + scale) + shift`` with ``[scale|shift|gate] = dense(cond)``:
-    the scale and shift rows of dense's weight and bias (gate rows untouched);
-  - an elementwise product with a linear's output (GeGLU ``act(gate) * up`` feeding down_proj):
-    the up linear's output rows are divided by s (its weight recipe absorbs ``diag(1/s)``).
-  Otherwise ``x / s`` runs online, where Inductor fuses it with the norm and the quantization.
-* Rotations and the permutation always run online (index_select + block matmul), once per group.
-* Weights absorb the inverse transform before packing (quantize_weights uses group.transform).
-No pass keeps tensors in the graph: every transform tensor is a derived graph input.
+* Smoothing ``1/s`` is folded, exactly, into the op before when a rule of passes/folds matches
+  there (Gemma ``(1 + w)`` norm weight, adaRMS scale/shift rows, a producer linear's rows);
+  otherwise ``x / s`` runs online, where Inductor fuses it with the norm and the quantization.
+* Rotations and the permutation always run online, once per group.
+* Weights absorb the inverse transform before packing (quantize_weights reads the LinearFolds).
+The result is ctx.duquant (rewrite_context.DuQuantPlan); every transform tensor is a derived input.
 """
 from __future__ import annotations
 
@@ -22,8 +17,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from quantvla_fx.duquant.transform import Blocks
 from quantvla_fx.graph_utils import LINEAR_TARGETS, param_fqn
-from quantvla_fx.rewrite_context import GroupSite, RewriteContext
+from quantvla_fx.rewrite_context import (DuQuantPlan, GroupSite, OnlineTransform, OutputRotation, RewriteContext,
+                                         TransformGroup)
+
 
 log = logging.getLogger("quantvla_fx")
 
@@ -33,15 +31,19 @@ _ADDS = {operator.add, torch.add}
 
 
 def fold_duquant(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
+    plan = ctx.duquant = DuQuantPlan.round_to_nearest(ctx)
     if ctx.packs is None:
         return gm
     from quantvla_fx.duquant.packs import PackError
 
-    for group in list(ctx.groups):
+    groups: list[TransformGroup] = []
+    views: list[NormalView] = []  # built at the first fold looked for
+    for group in ctx.groups:
         packs = [ctx.packs.get(s.record.fqn) for s in group.members]
         if all(p is None for p in packs):
             for s in group.members:
                 s.record.duquant.append("no DuQuant pack: round-to-nearest")
+            groups.append(TransformGroup(group, list(group.members)))
             continue
         missing = [s.record.fqn for s, p in zip(group.members, packs) if p is None]
         first = next(p for p in packs if p is not None)
@@ -52,10 +54,11 @@ def fold_duquant(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
             if p.transform.in_features != s.record.in_features:
                 raise PackError(f"{ctx.packs.file_of_pack(p)}: layer {p.fqn}: field 'in_features': pack has "
                                 f"{p.transform.in_features}, the layer has {s.record.in_features}", fqn=p.fqn, field="in_features")
-            s.pack = p
-        for sub in _split_by_transform(ctx, group):
-            _plan_group(gm, ctx, sub)
-    if ctx.kept and not any(s.pack is not None for s in ctx.kept) and len(ctx.packs):
+        for tg, tpacks in _split_by_transform(group, packs):
+            _plan_group(gm, ctx, tg, tpacks, views)
+            groups.append(tg)
+    plan.groups = groups
+    if ctx.kept and all(f.transform is None for f in plan.linears.values()) and len(ctx.packs):
         # Almost always a naming mismatch (e.g. a "model." prefix): say so instead of silently using RTN.
         msg = (f"DuQuant packs were given but none of their {len(ctx.packs)} layers matches the "
                f"{len(ctx.kept)} selected linears of graph {ctx.graph_id} (packs name e.g. "
@@ -65,36 +68,27 @@ def fold_duquant(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     return gm
 
 
-def _split_by_transform(ctx: RewriteContext, group: GroupSite) -> list[GroupSite]:
+def _split_by_transform(group: GroupSite, packs: list) -> list[tuple[TransformGroup, list]]:
     """One activation transform + quantization per distinct transform among a group's members.
 
     DuQuant's packs share one transform per input group; QuantVLA's weight-derived packs give
     gate and up (q, k, v) their own, so such a group quantizes its input once per member.
     """
     by_fp: dict[str, list] = {}
-    for s in group.members:
-        by_fp.setdefault(s.pack.transform.fingerprint(), []).append(s)
-    subs = []
-    for i, members in enumerate(by_fp.values()):
-        sub = group if i == 0 else GroupSite(name=group.name, input_node=group.input_node)
-        sub.members, sub.transform = members, members[0].pack.transform
-        for s in members:
-            s.group = sub
-            if len(by_fp) > 1:
-                s.record.duquant.append(f"own input transform ({len(by_fp)} distinct in the group)")
-        if i:
-            ctx.groups.insert(ctx.groups.index(group) + i, sub)
-        subs.append(sub)
-    return subs
+    for s, p in zip(group.members, packs):
+        by_fp.setdefault(p.transform.fingerprint(), []).append((s, p))
+    if len(by_fp) > 1:
+        for s in group.members:
+            s.record.duquant.append(f"own input transform ({len(by_fp)} distinct in the group)")
+    return [(TransformGroup(group, [s for s, _ in pairs]), [p for _, p in pairs]) for pairs in by_fp.values()]
 
 
-def _plan_group(gm: fx.GraphModule, ctx: RewriteContext, group: GroupSite) -> None:
-    t = group.transform
+def _plan_group(gm: fx.GraphModule, ctx: RewriteContext, tg: TransformGroup, packs: list, views: list) -> None:
+    t = packs[0].transform
     notes: list[str] = []
     smooth_online = t.smooth is not None
     if t.smooth is not None and ctx.config.duquant_fold:
-        where = (_fold_into_norm(gm, ctx, group) or _fold_into_adarms(ctx, group)
-                 or _fold_into_producer_rows(ctx, group))
+        where = _fold_smoothing(gm, ctx, tg, t, views)
         if where:
             smooth_online = False
             notes.append(f"smoothing folded into {where}")
@@ -102,71 +96,47 @@ def _plan_group(gm: fx.GraphModule, ctx: RewriteContext, group: GroupSite) -> No
             notes.append("smoothing online (no foldable producer)")
     elif t.smooth is not None:
         notes.append("smoothing online (duquant_fold=False)")
-    names, tensors = [], []
-    if smooth_online:
-        names.append("smooth"), tensors.append(t.smooth)
-    rots = {"rot1": t.rot1, "perm": t.perm, "rot2": t.rot2}
-    for k, v in rots.items():
-        if v is not None:
-            names.append(k), tensors.append(v[0] if k != "perm" and v.shape[0] == 1 else v)
-    device = group.members[0].weight.device
-    xv = group.input_node.meta["example_value"]
-    compute_dtype = torch.promote_types(xv.dtype, torch.float32)  # fp64 stays fp64 (exactness checks)
-    if names:
-        gname = "qv_" + "".join(c if c.isalnum() else "_" for c in group.name)
-        consts = tuple(x.to(device) if x.dtype == torch.int64 else x.to(device, compute_dtype) for x in tensors)
-        nodes = ctx.add_derived(tuple(f"{gname}_{n}" for n in names), (), lambda: consts,
-                                ("duquant-online", t.fingerprint(), smooth_online, str(device), str(compute_dtype)))
-        by_name = dict(zip(names, nodes))
-        shared = {n: v.dim() == 2 for n, v in zip(names, consts)}
-        group.online = _online_fn(by_name, shared, t.block_size, t.in_features, compute_dtype)
-        online = [n for n in ("rot1", "perm", "rot2") if n in by_name]
-        if online:
-            notes.append(" → ".join(online) + f" online (block {t.block_size})")
-    for s in group.members:
+    device = tg.members[0].weight.device
+    dtype = torch.promote_types(tg.group.input_node.meta["example_value"].dtype, torch.float32)  # fp64 stays fp64
+    tg.online = _online(ctx, tg.group.name, t, smooth_online, device, dtype)
+    online = [n for n in ("rot1", "perm", "rot2") if getattr(t, n) is not None]
+    if online:
+        notes.append(" → ".join(online) + f" online (block {t.block_size})")
+    for s, p in zip(tg.members, packs):
+        fold = ctx.duquant.linears[s]
+        fold.transform, fold.clip = t, p.weight_clip
         s.record.duquant.extend(notes)
-        if s.pack is not None and s.pack.out_rot is not None:
-            (node,) = ctx.add_derived((f"qv_{s.record.node}_out_rot",), (), lambda r=s.pack.out_rot.to(device): (r,),
-                                      ("duquant-out-rot", s.record.fqn, t.fingerprint()))
-            s.pack.out_rot_node = node
+        if p.out_rot is not None:
+            fold.out_rot = _output_rotation(ctx, s, p, t, device)
             s.record.duquant.append("output rotation restored online")
 
 
-def _online_fn(nodes: dict, shared: dict, block: int, k: int, compute_dtype: torch.dtype):
-    nb = k // block
+def _online(ctx: RewriteContext, name: str, t, smooth_online: bool, device, dtype) -> Optional[OnlineTransform]:
+    """The transform tensors that run online as derived inputs, in the compute dtype."""
+    steps = {"smooth": t.smooth if smooth_online else None, "rot1": t.rot1, "perm": t.perm, "rot2": t.rot2}
+    steps = {k: v for k, v in steps.items() if v is not None}
+    if not steps:
+        return None
+    gname = "qv_" + "".join(c if c.isalnum() else "_" for c in name)
+    consts = tuple(v.to(device) if v.dtype == torch.int64 else v.to(device, dtype) for v in steps.values())
+    nodes = ctx.inputs.add_derived(tuple(f"{gname}_{n}" for n in steps), (), lambda: consts,
+                                   ("duquant-online", t.fingerprint(), smooth_online, str(device), str(dtype)))
+    by = dict(zip(steps, nodes))
+    blocks = {n: Blocks.of(getattr(t, n), t.in_features) for n in ("rot1", "rot2") if n in by}
+    return OnlineTransform(dtype, by.get("smooth"), by.get("rot1"), by.get("perm"), by.get("rot2"),
+                           blocks.get("rot1"), blocks.get("rot2"))
 
-    def rotate(x, name):
-        r = nodes[name]
-        if shared[name]:  # one matrix shared by all blocks (DuQuant's code)
-            return torch.matmul(x.unflatten(-1, (nb, block)), r).flatten(-2)
-        # Per-block matrices: one batched matmul over blocks, tokens flattened.
-        xb = x.flatten(0, -2).unflatten(-1, (nb, block)).transpose(0, 1)
-        return torch.bmm(xb, r).transpose(0, 1).reshape_as(x)
 
-    def online(x):
-        x = x.to(compute_dtype)
-        if "smooth" in nodes:
-            x = x / nodes["smooth"]
-        if "rot1" in nodes:
-            x = rotate(x, "rot1")
-        if "perm" in nodes:
-            x = torch.index_select(x, -1, nodes["perm"])
-        if "rot2" in nodes:
-            x = rotate(x, "rot2")
-        return x
+def _output_rotation(ctx: RewriteContext, site, pack, t, device) -> OutputRotation:
+    dtype = torch.promote_types(site.node.meta["example_value"].dtype, torch.float32)
+    r = pack.out_rot
+    (node,) = ctx.inputs.add_derived((f"qv_{site.record.node}_out_rot",), (), lambda r=r.to(device, dtype): (r,),
+                                     ("duquant-out-rot", site.record.fqn, t.fingerprint(), str(dtype)))
+    return OutputRotation(r, node, Blocks.of(r, site.record.out_features), dtype)
 
-    # The online function receives graph Proxies; the transform tensors are looked up as nodes.
-    def traced(x):
-        proxies = {k: fx.Proxy(v, x.tracer) for k, v in nodes.items()}
-        saved = dict(nodes)
-        nodes.update(proxies)
-        try:
-            return online(x)
-        finally:
-            nodes.clear()
-            nodes.update(saved)
 
-    return traced
+def _fold_smoothing(gm: fx.GraphModule, ctx: RewriteContext, tg: TransformGroup, t, views: list) -> Optional[str]:
+    return _fold_into_norm(gm, ctx, tg, t) or _fold_into_adarms(ctx, tg, t) or _fold_into_producer_rows(ctx, tg, t)
 
 
 def _strip_casts(node, single_user: bool = True) -> tuple[fx.Node, list[fx.Node]]:
@@ -192,17 +162,17 @@ def _is_add(n) -> bool:
     return isinstance(n, fx.Node) and ((n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target == "add"))
 
 
-def _group_producer(group: GroupSite) -> Optional[fx.Node]:
+def _group_producer(group: TransformGroup) -> Optional[fx.Node]:
     """The op whose (cast) output is the group input, if that output feeds only the group."""
     members = {s.node for s in group.members}
-    x = group.input_node
+    x = group.group.input_node
     if not _only_feeds(x, members):
         return None
     node, _ = _strip_casts(x.args[0], True) if (x.op == "call_method" and x.target in _CASTS) else (x, [])
     return node if node is x or len(node.users) == 1 else None
 
 
-def _group_mul(group: GroupSite) -> Optional[fx.Node]:
+def _group_mul(group: TransformGroup) -> Optional[fx.Node]:
     node = _group_producer(group)
     return node if _is_mul(node) and len(node.users) == 1 else None
 
@@ -225,7 +195,7 @@ def _first_use_in_chain(src: fx.Node, expr: fx.Node) -> fx.Node:
     return node
 
 
-def _fold_into_norm(gm: fx.GraphModule, ctx: RewriteContext, group: GroupSite) -> Optional[str]:
+def _fold_into_norm(gm: fx.GraphModule, ctx: RewriteContext, group: TransformGroup, t) -> Optional[str]:
     """normed * (1 + w) -> normed * (1 + w') with w' = (1 + w)/s - 1 (a derived graph input)."""
     mul = _group_mul(group)
     if mul is None:
@@ -235,19 +205,17 @@ def _fold_into_norm(gm: fx.GraphModule, ctx: RewriteContext, group: GroupSite) -
         if wexpr is None:
             continue
         w, _ = _strip_casts(wexpr)
-        pos = ctx.input_position(w) if isinstance(w, fx.Node) else None
-        if pos is None or not isinstance(ctx.example_inputs[pos], torch.Tensor):
+        pos = ctx.inputs.position(w)
+        real = ctx.inputs.tensor(w)
+        if real is None or real.dim() != 1 or real.shape[0] != t.in_features:
             continue
-        real = ctx.example_inputs[pos]
-        if real.dim() != 1 or real.shape[0] != group.transform.in_features:
-            continue
-        s = group.transform.smooth
+        s = t.smooth
 
         def fold(wt, s=s):
             return (((1.0 + wt.double()) / s.to(wt.device, torch.float64) - 1.0).to(wt.dtype),)
 
         name = param_fqn(w) or w.name
-        (new,) = ctx.add_derived((f"qv_{w.name}_smoothed",), (pos,), fold, ("duquant-norm-fold", group.transform.fingerprint()))
+        (new,) = ctx.inputs.add_derived((f"qv_{w.name}_smoothed",), (pos,), fold, ("duquant-norm-fold", t.fingerprint()))
         # Only this use: the same norm weight may be read elsewhere (another call of the module).
         consumer = _first_use_in_chain(w, _one_plus(operand))
         consumer.replace_input_with(w, new)
@@ -258,13 +226,13 @@ def _fold_into_norm(gm: fx.GraphModule, ctx: RewriteContext, group: GroupSite) -
 _VIEWS = {"unsqueeze"}
 
 
-def _fold_into_adarms(ctx: RewriteContext, group: GroupSite) -> Optional[str]:
+def _fold_into_adarms(ctx: RewriteContext, group: TransformGroup, t) -> Optional[str]:
     """normed·(1+scale) + shift with [scale|shift|gate] = dense(cond): divide the scale and shift
     rows of ``dense`` by s (``W_s/s``, ``(b_s+1)/s − 1``; ``W_h/s``, ``b_h/s``); gate rows stay."""
     top = _group_producer(group)
     if not _is_add(top):
         return None
-    k = group.transform.in_features
+    k = t.in_features
     kept = {s.node for s in ctx.kept}
     for mul_arg, shift_arg in ((top.args[0], top.args[1]), (top.args[1], top.args[0])):
         mul, _ = _strip_casts(mul_arg)
@@ -280,10 +248,10 @@ def _fold_into_adarms(ctx: RewriteContext, group: GroupSite) -> Optional[str]:
             if dense is None or dense in kept:
                 continue
             _, w, b = (dense.args + (None,) * 3)[:3]
-            pw, pb = ctx.input_position(w), ctx.input_position(b) if isinstance(b, fx.Node) else None
-            if pw is None or pb is None or tuple(ctx.example_inputs[pw].shape)[0] != 3 * k:
+            pw, pb = ctx.inputs.position(w), ctx.inputs.position(b)
+            if pw is None or pb is None or tuple(ctx.inputs.example[pw].shape)[0] != 3 * k:
                 continue
-            s = group.transform.smooth
+            s = t.smooth
 
             def fold(wt, bt, s=s):
                 sd = s.to(wt.device, torch.float64)
@@ -293,8 +261,8 @@ def _fold_into_adarms(ctx: RewriteContext, group: GroupSite) -> Optional[str]:
                 b2[k : 2 * k] /= sd
                 return w2.to(wt.dtype), b2.to(bt.dtype)
 
-            new_w, new_b = ctx.add_derived((f"qv_{w.name}_smoothed", f"qv_{b.name}_smoothed"), (pw, pb), fold,
-                                           ("duquant-adarms-fold", group.transform.fingerprint()))
+            new_w, new_b = ctx.inputs.add_derived((f"qv_{w.name}_smoothed", f"qv_{b.name}_smoothed"), (pw, pb), fold,
+                                           ("duquant-adarms-fold", t.fingerprint()))
             dense.replace_input_with(w, new_w)
             dense.replace_input_with(b, new_b)
             return f"adaRMS {param_fqn(w) or w.name} (scale and shift rows)"
@@ -319,7 +287,7 @@ def _dense_of_chunk(chunk) -> Optional[fx.Node]:
     return node if ok else None
 
 
-def _fold_into_producer_rows(ctx: RewriteContext, group: GroupSite) -> Optional[str]:
+def _fold_into_producer_rows(ctx: RewriteContext, group: TransformGroup, t) -> Optional[str]:
     """act(gate) * up -> act(gate) * (up / s): divide a quantized producer linear's output rows."""
     mul = _group_mul(group)
     if mul is None:
@@ -330,10 +298,10 @@ def _fold_into_producer_rows(ctx: RewriteContext, group: GroupSite) -> Optional[
         site = sites.get(lin)
         if site is None or lin.target not in LINEAR_TARGETS or len(lin.users) != 1 or site.bias is not None:
             continue
-        if site.record.out_features != group.transform.in_features:
+        if site.record.out_features != t.in_features:
             continue
-        s = group.transform.smooth
-        site.row_div = s if site.row_div is None else site.row_div * s
-        site.record.duquant.append(f"output rows divided by the smoothing of {group.name}")
+        s, fold = t.smooth, ctx.duquant.linears[site]
+        fold.row_div = s if fold.row_div is None else fold.row_div * s
+        site.record.duquant.append(f"output rows divided by the smoothing of {group.group.name}")
         return f"{site.record.fqn} output rows"
     return None

@@ -28,7 +28,7 @@ def match_linears(gm: fx.GraphModule, ctx: RewriteContext) -> None:
         x, w, b = linear_args(node)
         wv = w.meta.get("example_value") if isinstance(w, fx.Node) else None
         xv = x.meta.get("example_value") if isinstance(x, fx.Node) else None
-        pos = ctx.input_position(w) if isinstance(w, fx.Node) else None
+        pos = ctx.inputs.position(w)
         pfqn = param_fqn(w) if pos is not None else None
         fqn = call_site_fqn(node) or (pfqn.rsplit(".", 1)[0] if pfqn else node.name)
         n_out, k_in = (tuple(wv.shape) + (0, 0))[:2] if isinstance(wv, torch.Tensor) else (0, 0)
@@ -42,7 +42,7 @@ def match_linears(gm: fx.GraphModule, ctx: RewriteContext) -> None:
         selected, rec.reason = cfg.match(fqn)
         if not selected:
             continue
-        real = placeholder_real_tensor(w, ctx.example_inputs, pos) if pos is not None else None
+        real = placeholder_real_tensor(w, ctx.inputs.example, pos) if pos is not None else None
         why_not = _why_not_quantizable(real, wv, xv, k_in, n_out, cfg)
         if why_not:
             rec.reason = f"skipped: {why_not}"

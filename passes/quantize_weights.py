@@ -25,25 +25,20 @@ def quantize_weights(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     gs = ctx.config.group_size
     sqnr: dict = {}
     for site in ctx.kept:
-        pack = site.pack
-        recipe = WeightRecipe(
-            gs,
-            getattr(pack, "weight_clip", 1.0) if pack is not None else 1.0,
-            site.group.transform if site.group is not None else None,
-            getattr(pack, "out_rot", None) if pack is not None else None,
-            site.row_div,
-        )
+        fold = ctx.duquant.linears[site]  # what fold_duquant decided for this linear
+        out_rot = fold.out_rot.tensor if fold.out_rot is not None else None
+        recipe = WeightRecipe(gs, fold.clip, fold.transform, out_rot, fold.row_div)
         name = _safe(site.record.fqn)
         if not ctx.config.quantize:
-            (site.w_packed,) = ctx.add_derived((f"qv_{name}_wfloat",), (site.weight_pos,), recipe.float_weight,
+            (site.w_packed,) = ctx.inputs.add_derived((f"qv_{name}_wfloat",), (site.weight_pos,), recipe.float_weight,
                                                ("float",) + recipe.key)
             continue
-        site.w_packed, site.w_scale = ctx.add_derived(
+        site.w_packed, site.w_scale = ctx.inputs.add_derived(
             (f"qv_{name}_w4", f"qv_{name}_wscale"), (site.weight_pos,), recipe, recipe.key
         )
         if site.w_packed not in sqnr:
             # How much the int4 rounding alone loses on this weight (transformed basis); once per pack.
-            deq = dequantize_weight(unpack_int4(ctx.derived_real[site.w_packed]), ctx.derived_real[site.w_scale])
+            deq = dequantize_weight(unpack_int4(ctx.inputs.real[site.w_packed]), ctx.inputs.real[site.w_scale])
             sqnr[site.w_packed] = round(float(compute_error(recipe.transformed(site.weight), deq)), 2)
         site.record.sqnr_db = sqnr[site.w_packed]
     return gm

@@ -11,10 +11,11 @@ import torch
 import torch.fx as fx
 
 import quantvla_fx.ops  # noqa: F401  (registers torch.ops.quantvla.*)
+from quantvla_fx.duquant.transform import apply_activation_transform, restore_rows
 from quantvla_fx.graph_utils import propagate_fake, trace_into
 from quantvla_fx.kernel_support import kernel_arg, report_name
 from quantvla_fx.quant.activations import quantize_per_token
-from quantvla_fx.rewrite_context import LinearSite, RewriteContext
+from quantvla_fx.rewrite_context import LinearSite, OnlineTransform, OutputRotation, RewriteContext
 
 
 # Quantized linears are inference-only: nothing differentiable may reach the custom ops (they have
@@ -34,12 +35,20 @@ def fused_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel):
     return torch.ops.quantvla.w4a8_linear.default(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel)
 
 
-def restore_rows(y, out_rot, bias, n_blocks, block):
+def restored(y, out_rot, blocks, dtype, out_dtype, bias):
     """Undo a block-diagonal output rotation (QuantVLA's "restore" mode), then add the bias."""
-    yb = y.to(torch.float32).flatten(0, -2).unflatten(-1, (n_blocks, block)).transpose(0, 1)
-    r = out_rot.expand(n_blocks, block, block) if out_rot.shape[0] == 1 else out_rot
-    out = torch.bmm(yb, r).transpose(0, 1).reshape_as(y).to(y.dtype)
+    out = restore_rows(y, out_rot, blocks, dtype, out_dtype)
     return out if bias is None else out + bias.detach()
+
+
+def online_nodes(graph: fx.Graph, online: OnlineTransform, x: fx.Node):
+    """The one place an OnlineTransform becomes graph nodes: the function DuQuantTransform runs, traced."""
+    return trace_into(graph, apply_activation_transform, x, online.dtype, online.smooth, online.rot1, online.perm,
+                      online.rot2, online.blocks1, online.blocks2)
+
+
+def restore_nodes(graph: fx.Graph, out_rot: OutputRotation, y: fx.Node, bias, out_dtype: torch.dtype):
+    return trace_into(graph, restored, y, out_rot.node, out_rot.blocks, out_rot.dtype, out_dtype, bias)
 
 
 def float_linear(x, w, bias):
@@ -67,7 +76,7 @@ def _inserted_before(anchor: fx.Node, build) -> list[fx.Node]:
 
 def _finish_nodes(ctx: RewriteContext, nodes: list[fx.Node], like: fx.Node) -> None:
     """Fake values for the new nodes, and the calling module of the linear they stand for (dumps)."""
-    propagate_fake(ctx.gm, ctx.fake_mode, nodes)
+    propagate_fake(ctx.gm, ctx.inputs.fake_mode, nodes)
     stack = like.meta.get("nn_module_stack")
     if stack is not None:
         for n in nodes:
@@ -79,23 +88,23 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(graph.nodes)}
     kernel = kernel_arg(ctx.config)  # the kernel name and this compile's kernel settings
     replaced: dict[fx.Node, fx.Node] = {}  # a group may read the output of an already replaced linear
-    for group in ctx.groups:
-        first = min(group.members, key=lambda s: order[s.node])
-        x = group.input_node = replaced.get(group.input_node, group.input_node)
+    for tg in ctx.duquant.groups:
+        first = min(tg.members, key=lambda s: order[s.node])
+        x = replaced.get(tg.group.input_node, tg.group.input_node)
 
-        def build_input(x=x, group=group):
-            if group.online is not None:
-                x = trace_into(graph, group.online, x)
+        def build_input(x=x, online=tg.online):
+            if online is not None:
+                x = online_nodes(graph, online, x)
             if ctx.config.quantize:
                 return (x,) + tuple(trace_into(graph, quantize_per_token, x))
             return x, None, None
 
         (x, x_q, x_scale), new = _inserted_before(first.node, build_input)
         _finish_nodes(ctx, new, first.node)
-        for site in group.members:
+        for site in tg.members:
             out_dtype = site.node.meta["example_value"].dtype
             epilogue = choose_epilogue(ctx, site)
-            out_rot = getattr(site.pack, "out_rot_node", None)
+            out_rot = ctx.duquant.linears[site].out_rot
             bias = None if out_rot is not None else site.bias
 
             def build_op(site=site, epilogue=epilogue, out_rot=out_rot, bias=bias, out_dtype=out_dtype):
@@ -105,8 +114,7 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
                     fn = fused_linear if epilogue == "fused" else int32_epilogue
                     y = trace_into(graph, fn, x_q, x_scale, site.w_packed, site.w_scale, bias, out_dtype, kernel)
                 if out_rot is not None:
-                    bo = site.pack.out_rot.shape[-1]
-                    y = trace_into(graph, restore_rows, y, out_rot, site.bias, site.record.out_features // bo, bo)
+                    y = restore_nodes(graph, out_rot, y, site.bias, out_dtype)
                 return y
 
             y, new = _inserted_before(site.node, build_op)

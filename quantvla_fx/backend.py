@@ -98,11 +98,11 @@ def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
     patches = _inductor_patches(mode, config)
     if config.lowering == "eager":
         compiled = new_gm.forward
-    elif not ctx.derived:
+    elif not ctx.inputs.specs:
         return compile_fx(new_gm, list(example_inputs), config_patches=patches)
     else:
-        compiled = compile_fx(new_gm, list(example_inputs) + _static_fakes(ctx.derived_values), config_patches=patches)
-    provider = DerivedInputProvider(ctx.derived, verify_weights=config.verify_weights)
+        compiled = compile_fx(new_gm, list(example_inputs) + _static_fakes(ctx.inputs.values), config_patches=patches)
+    provider = DerivedInputProvider(ctx.inputs.specs, verify_weights=config.verify_weights)
 
     layers = tuple(dict.fromkeys(s.record.fqn for s in ctx.kept))
 

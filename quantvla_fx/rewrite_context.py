@@ -1,16 +1,29 @@
-"""State the passes share while rewriting one Dynamo graph (no pass keeps state of its own)."""
+"""What the rewrite stages hand each other for one Dynamo graph (no pass keeps state of its own).
+
+Each stage fills its own typed slot; later stages read it and never write it:
+  match_linears    -> ctx.sites    one LinearSite per selected linear
+  group_inputs     -> ctx.groups   one GroupSite per activation that linears read
+  fold_duquant     -> ctx.duquant  DuQuantPlan: per transform group its OnlineTransform,
+                                   per linear its LinearFold (weight side, row divisor, output rotation)
+  quantize_weights -> site.w_packed, site.w_scale
+  substitute_ops   reads them all and rewrites the graph.
+Graph inputs, original and derived, are ctx.inputs (graph_inputs.py).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.fx as fx
 
 from .config import QuantVLAConfig
-from .derived_inputs import PACK_CACHE, DerivedInput
-from .graph_utils import add_input
+from .duquant.transform import Blocks
+from .graph_inputs import GraphInputs
 from .report import GraphReport, LinearRecord
+
+if TYPE_CHECKING:
+    from .duquant.transform import DuQuantTransform
 
 
 @dataclass(eq=False)
@@ -21,9 +34,7 @@ class LinearSite:
     weight_pos: int  # position of the weight among the graph inputs
     weight: torch.Tensor  # the real parameter seen at compile time
     bias: Any  # bias node or None
-    pack: Any = None  # DuQuant LayerPack or None
     group: Optional["GroupSite"] = None
-    row_div: Optional[torch.Tensor] = None  # [N] divisor of the output rows (folded smoothing)
     w_packed: Optional[fx.Node] = None
     w_scale: Optional[fx.Node] = None
 
@@ -35,62 +46,77 @@ class GroupSite:
     name: str
     input_node: fx.Node
     members: list[LinearSite] = field(default_factory=list)
-    transform: Any = None  # DuQuantTransform or None (round-to-nearest)
-    # Set by fold_duquant: builds the online activation transform from the group input node.
-    online: Optional[Callable[[Any], Any]] = None
+
+
+# -- fold_duquant's result ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class OnlineTransform:
+    """What runs on a group's activation before it is quantized, as data: x -> x / smooth -> rot1
+    -> x[..., perm] -> rot2 in ``dtype``. The tensors are derived-input placeholders (None: not run
+    online); substitute_ops turns this into nodes by tracing apply_activation_transform."""
+
+    dtype: torch.dtype
+    smooth: Optional[fx.Node] = None
+    rot1: Optional[fx.Node] = None
+    perm: Optional[fx.Node] = None
+    rot2: Optional[fx.Node] = None
+    blocks1: Optional[Blocks] = None  # kind (shared or per block) and block size of rot1
+    blocks2: Optional[Blocks] = None
+
+
+@dataclass(frozen=True)
+class OutputRotation:
+    """QuantVLA's output rotation of one linear: its weight absorbs R_out, its GEMM result is restored."""
+
+    tensor: torch.Tensor  # [nbo|1, Bo, Bo] as packed (the weight recipe reads it)
+    node: fx.Node  # the same in ``dtype``, a derived-input placeholder
+    blocks: Blocks
+    dtype: torch.dtype
+
+
+@dataclass
+class LinearFold:
+    """What fold_duquant decided for one linear: what its weight absorbs, what follows its GEMM."""
+
+    transform: Optional["DuQuantTransform"] = None  # its input transform: the weight takes the inverse
+    clip: float = 1.0  # the pack's weight clip
+    row_div: Optional[torch.Tensor] = None  # [N] divisor of the output rows (a later group's smoothing)
+    out_rot: Optional[OutputRotation] = None
+
+
+@dataclass(eq=False)
+class TransformGroup:
+    """One activation transform and quantization: a group, or the part of one that shares a transform."""
+
+    group: GroupSite
+    members: list[LinearSite]
+    online: Optional[OnlineTransform] = None
+
+
+@dataclass
+class DuQuantPlan:
+    groups: list[TransformGroup]
+    linears: dict[LinearSite, LinearFold]  # every selected linear
+
+    @staticmethod
+    def round_to_nearest(ctx: "RewriteContext") -> "DuQuantPlan":
+        """No transform anywhere: every group as it is, every linear unchanged."""
+        groups = [TransformGroup(g, list(g.members)) for g in ctx.groups]
+        return DuQuantPlan(groups, {s: LinearFold() for s in ctx.kept})
 
 
 class RewriteContext:
     def __init__(self, gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig, graph_id: int, fake_mode, packs=None):
         self.gm = gm
-        self.example_inputs = list(example_inputs)
         self.config = config
         self.graph_id = graph_id
-        self.fake_mode = fake_mode
         self.packs = packs
         self.report = GraphReport(graph_id)
-        self.sites: list[LinearSite] = []
-        self.groups: list[GroupSite] = []
-        self.derived: list[DerivedInput] = []
-        self.derived_values: list[torch.Tensor] = []
-        self.derived_real: dict[fx.Node, torch.Tensor] = {}  # placeholder -> its compile-time value
-        self._derived_nodes: dict[tuple, list[fx.Node]] = {}
-        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self._position = {n: i for i, n in enumerate(self.placeholders)}
-        self._names: set[str] = {n.name for n in gm.graph.nodes}
+        self.inputs = GraphInputs(gm, example_inputs, fake_mode)
+        self.sites: list[LinearSite] = []  # match_linears
+        self.groups: list[GroupSite] = []  # group_inputs
+        self.duquant: Optional[DuQuantPlan] = None  # fold_duquant
 
     @property
     def kept(self) -> list[LinearSite]:
         return [s for s in self.sites if s.record.quantized]
-
-    def input_position(self, node: fx.Node) -> Optional[int]:
-        return self._position.get(node)
-
-    def add_derived(self, names: tuple[str, ...], sources: tuple[int, ...], compute, key) -> list[fx.Node]:
-        """Register weight-derived inputs and return their placeholder nodes.
-
-        The same recipe on the same sources (a weight used at several call sites, e.g. the
-        unrolled denoise steps) gets one set of placeholders, computed once per call.
-        """
-        memo = self._derived_nodes.get((key, sources))
-        if memo is not None:
-            return memo
-        spec = DerivedInput(tuple(self._unique(n) for n in names), sources, compute, key)
-        # check_content: every compile packs from the current values, even after a `.data` edit.
-        values = PACK_CACHE.get(spec, [self.example_inputs[i] for i in sources], check_content=True)
-        if len(values) != len(names):
-            raise RuntimeError(f"quantvla: derived input {names} produced {len(values)} tensors")
-        self.derived.append(spec)
-        self.derived_values.extend(values)
-        nodes = [add_input(self.gm, n, v, self.fake_mode) for n, v in zip(spec.names, values)]
-        self.derived_real.update(zip(nodes, values))
-        self._derived_nodes[(key, sources)] = nodes
-        return nodes
-
-    def _unique(self, name: str) -> str:
-        base, i = name, 0
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
