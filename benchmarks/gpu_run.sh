@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: install this checkout, run the GPU tests, run the per-op benchmark.
+#   bash benchmarks/gpu_run.sh [tests|ops|all]      (results and logs go to $OUT, else ./out)
+# Expects, beside the checkout (both git-ignored): .whl/ with the torchao and setuptools wheels the
+# image lacks, and optionally .carry/ from ../shared/device/prepare_bitblas_carry.sh for BitBLAS.
+set -euo pipefail
+what=${1:-all}
+out=${OUT:-out}; mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/torchao-*.whl .whl/setuptools-*.whl
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
+if [ -f .carry/env.sh ]; then
+  source .carry/env.sh
+  # Our BitBLAS build path compiles compute_80 PTX itself: drop the carry's nvcc wrapper from PATH.
+  PATH=$(echo "$PATH" | tr ':' '\n' | grep -v '/\.carry/bin$' | paste -sd: -); export PATH
+fi
+git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt" || true
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$out/env.txt"
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_gpu_exact.py tests/test_triton_w4a8.py \
+    tests/test_backend_gpu.py tests/test_bitblas_kernel.py tests/test_auto_select.py tests/test_kernel_support.py \
+    2>&1 | tee "$out/gpu_tests.log"
+fi
+if [ "$what" = ops ] || [ "$what" = all ]; then
+  python3 benchmarks/bench_ops.py --kernels "${KERNELS:-triton,bitblas}" --out "$out/results" 2>&1 | tee "$out/bench_ops.log"
+  python3 benchmarks/plot_results.py "$out/results/$(ls "$out/results" | head -1)"
+fi
