@@ -11,23 +11,18 @@ The result is ctx.duquant (rewrite_context.DuQuantPlan); every transform tensor 
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from quantvla_fx.duquant.transform import Blocks
-from quantvla_fx.graph_utils import LINEAR_TARGETS, param_fqn
 from quantvla_fx.rewrite_context import (DuQuantPlan, GroupSite, OnlineTransform, OutputRotation, RewriteContext,
                                          TransformGroup)
 
+from .folds import RULES, DivideRows, Fold, NewInputs, NormalView
 
 log = logging.getLogger("quantvla_fx")
-
-_CASTS = {"to", "float", "type_as", "bfloat16", "half", "contiguous"}
-_MULS = {operator.mul, torch.mul}
-_ADDS = {operator.add, torch.add}
 
 
 def fold_duquant(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
@@ -136,172 +131,38 @@ def _output_rotation(ctx: RewriteContext, site, pack, t, device) -> OutputRotati
 
 
 def _fold_smoothing(gm: fx.GraphModule, ctx: RewriteContext, tg: TransformGroup, t, views: list) -> Optional[str]:
-    return _fold_into_norm(gm, ctx, tg, t) or _fold_into_adarms(ctx, tg, t) or _fold_into_producer_rows(ctx, tg, t)
-
-
-def _strip_casts(node, single_user: bool = True) -> tuple[fx.Node, list[fx.Node]]:
-    """Walk back through dtype casts; returns (first non-cast node, the casts passed)."""
-    chain = []
-    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _CASTS:
-        if single_user and len(node.users) != 1:
-            break
-        chain.append(node)
-        node = node.args[0]
-    return node, chain
-
-
-def _only_feeds(node: fx.Node, allowed: set) -> bool:
-    return all(u in allowed for u in node.users)
-
-
-def _is_mul(n) -> bool:
-    return isinstance(n, fx.Node) and ((n.op == "call_function" and n.target in _MULS) or (n.op == "call_method" and n.target == "mul"))
-
-
-def _is_add(n) -> bool:
-    return isinstance(n, fx.Node) and ((n.op == "call_function" and n.target in _ADDS) or (n.op == "call_method" and n.target == "add"))
-
-
-def _group_producer(group: TransformGroup) -> Optional[fx.Node]:
-    """The op whose (cast) output is the group input, if that output feeds only the group."""
-    members = {s.node for s in group.members}
-    x = group.group.input_node
-    if not _only_feeds(x, members):
+    """Try the fold rules at the op producing the group's input; apply the first that folds."""
+    if not views:
+        views.append(NormalView(gm.graph))
+    view = views[0]
+    anchor = view.of[tg.group.input_node]
+    # The producer's value must reach nothing but this group's linears: it is about to be divided by s.
+    if not set(anchor.users) <= {view.of[s.node] for s in tg.members}:
         return None
-    node, _ = _strip_casts(x.args[0], True) if (x.op == "call_method" and x.target in _CASTS) else (x, [])
-    return node if node is x or len(node.users) == 1 else None
-
-
-def _group_mul(group: TransformGroup) -> Optional[fx.Node]:
-    node = _group_producer(group)
-    return node if _is_mul(node) and len(node.users) == 1 else None
-
-
-def _one_plus(node) -> Optional[fx.Node]:
-    """For ``1 + e`` (through casts, single use) return e, else None."""
-    add, _ = _strip_casts(node)
-    if not _is_add(add) or len(add.users) != 1:
-        return None
-    a, b = add.args[:2]
-    one, expr = (a, b) if isinstance(a, (int, float)) else (b, a)
-    return expr if isinstance(one, (int, float)) and float(one) == 1.0 and isinstance(expr, fx.Node) else None
-
-
-def _first_use_in_chain(src: fx.Node, expr: fx.Node) -> fx.Node:
-    """The node of the single-use cast chain ``src -> ... -> expr`` that reads ``src``."""
-    node = expr
-    while node.args and node.args[0] is not src:
-        node = node.args[0]
-    return node
-
-
-def _fold_into_norm(gm: fx.GraphModule, ctx: RewriteContext, group: TransformGroup, t) -> Optional[str]:
-    """normed * (1 + w) -> normed * (1 + w') with w' = (1 + w)/s - 1 (a derived graph input)."""
-    mul = _group_mul(group)
-    if mul is None:
-        return None
-    for operand in mul.args[:2]:
-        wexpr = _one_plus(operand)
-        if wexpr is None:
-            continue
-        w, _ = _strip_casts(wexpr)
-        pos = ctx.inputs.position(w)
-        real = ctx.inputs.tensor(w)
-        if real is None or real.dim() != 1 or real.shape[0] != t.in_features:
-            continue
-        s = t.smooth
-
-        def fold(wt, s=s):
-            return (((1.0 + wt.double()) / s.to(wt.device, torch.float64) - 1.0).to(wt.dtype),)
-
-        name = param_fqn(w) or w.name
-        (new,) = ctx.inputs.add_derived((f"qv_{w.name}_smoothed",), (pos,), fold, ("duquant-norm-fold", t.fingerprint()))
-        # Only this use: the same norm weight may be read elsewhere (another call of the module).
-        consumer = _first_use_in_chain(w, _one_plus(operand))
-        consumer.replace_input_with(w, new)
-        return f"norm weight {name} ((1+w)/s − 1)"
+    context = dict(view=view, inputs=ctx.inputs, sites={s.node: s for s in ctx.kept}, k=t.in_features,
+                   smooth=t.smooth, fingerprint=t.fingerprint())
+    for rule in RULES:
+        for m in rule.matches(anchor, **context):
+            fold = rule.fold(m)
+            if fold is not None and _apply(ctx, tg, fold, t):
+                log.debug("quantvla: %s: fold rule %s", tg.group.name, rule.name)
+                return fold.where
     return None
 
 
-_VIEWS = {"unsqueeze"}
-
-
-def _fold_into_adarms(ctx: RewriteContext, group: TransformGroup, t) -> Optional[str]:
-    """normed·(1+scale) + shift with [scale|shift|gate] = dense(cond): divide the scale and shift
-    rows of ``dense`` by s (``W_s/s``, ``(b_s+1)/s − 1``; ``W_h/s``, ``b_h/s``); gate rows stay."""
-    top = _group_producer(group)
-    if not _is_add(top):
-        return None
-    k = t.in_features
-    kept = {s.node for s in ctx.kept}
-    for mul_arg, shift_arg in ((top.args[0], top.args[1]), (top.args[1], top.args[0])):
-        mul, _ = _strip_casts(mul_arg)
-        shift, _ = _strip_casts(shift_arg)
-        if not _is_mul(mul) or len(mul.users) != 1 or not _is_getitem(shift, 1):
-            continue
-        for operand in mul.args[:2]:
-            scale_expr = _one_plus(operand)
-            scale = _strip_casts(scale_expr)[0] if scale_expr is not None else None
-            if not _is_getitem(scale, 0) or scale.args[0] is not shift.args[0]:
-                continue
-            dense = _dense_of_chunk(scale.args[0])
-            if dense is None or dense in kept:
-                continue
-            _, w, b = (dense.args + (None,) * 3)[:3]
-            pw, pb = ctx.inputs.position(w), ctx.inputs.position(b)
-            if pw is None or pb is None or tuple(ctx.inputs.example[pw].shape)[0] != 3 * k:
-                continue
-            s = t.smooth
-
-            def fold(wt, bt, s=s):
-                sd = s.to(wt.device, torch.float64)
-                w2, b2 = wt.double().clone(), bt.double().clone()
-                w2[: 2 * k] /= torch.cat((sd, sd))[:, None]
-                b2[:k] = (b2[:k] + 1.0) / sd - 1.0
-                b2[k : 2 * k] /= sd
-                return w2.to(wt.dtype), b2.to(bt.dtype)
-
-            new_w, new_b = ctx.inputs.add_derived((f"qv_{w.name}_smoothed", f"qv_{b.name}_smoothed"), (pw, pb), fold,
-                                           ("duquant-adarms-fold", t.fingerprint()))
-            dense.replace_input_with(w, new_w)
-            dense.replace_input_with(b, new_b)
-            return f"adaRMS {param_fqn(w) or w.name} (scale and shift rows)"
-    return None
-
-
-def _is_getitem(node, index: int) -> bool:
-    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
-            and node.args[1] == index and len(node.users) == 1)
-
-
-def _dense_of_chunk(chunk) -> Optional[fx.Node]:
-    """chunk(dense(cond)[.unsqueeze(..)], 3, dim=-1) -> the dense linear call."""
-    is_chunk = isinstance(chunk, fx.Node) and (
-        (chunk.op == "call_function" and chunk.target is torch.chunk) or (chunk.op == "call_method" and chunk.target == "chunk"))
-    if not is_chunk or chunk.args[1] != 3 or chunk.kwargs.get("dim", chunk.args[2] if len(chunk.args) > 2 else 0) not in (-1,):
-        return None
-    node = chunk.args[0]
-    while isinstance(node, fx.Node) and ((node.op == "call_method" and node.target in _VIEWS | _CASTS) and len(node.users) == 1):
-        node = node.args[0]
-    ok = isinstance(node, fx.Node) and node.op == "call_function" and node.target in LINEAR_TARGETS and len(node.users) == 1
-    return node if ok else None
-
-
-def _fold_into_producer_rows(ctx: RewriteContext, group: TransformGroup, t) -> Optional[str]:
-    """act(gate) * up -> act(gate) * (up / s): divide a quantized producer linear's output rows."""
-    mul = _group_mul(group)
-    if mul is None:
-        return None
-    sites = {s.node: s for s in ctx.kept}
-    for operand in mul.args[:2]:
-        lin, _ = _strip_casts(operand)
-        site = sites.get(lin)
-        if site is None or lin.target not in LINEAR_TARGETS or len(lin.users) != 1 or site.bias is not None:
-            continue
-        if site.record.out_features != t.in_features:
-            continue
-        s, fold = t.smooth, ctx.duquant.linears[site]
-        fold.row_div = s if fold.row_div is None else fold.row_div * s
-        site.record.duquant.append(f"output rows divided by the smoothing of {group.group.name}")
-        return f"{site.record.fqn} output rows"
-    return None
+def _apply(ctx: RewriteContext, tg: TransformGroup, fold: Fold, t) -> bool:
+    if isinstance(fold, DivideRows):
+        lf = ctx.duquant.linears[fold.site]
+        lf.row_div = t.smooth if lf.row_div is None else lf.row_div * t.smooth
+        fold.site.record.duquant.append(f"output rows divided by the smoothing of {tg.group.name}")
+        return True
+    assert isinstance(fold, NewInputs)
+    if not all(any(src in r.all_input_nodes for r in fold.readers) for src in fold.sources):
+        return False  # an earlier fold rewired these readers already
+    positions = tuple(ctx.inputs.position(s) for s in fold.sources)
+    new = ctx.inputs.add_derived(fold.names, positions, fold.compute, fold.key)
+    for reader in fold.readers:
+        for src, node in zip(fold.sources, new):
+            if src in reader.all_input_nodes:
+                reader.replace_input_with(src, node)
+    return True
