@@ -13,7 +13,7 @@ from torchao.quantization.utils import compute_error
 
 from quantvla_fx.quant.int4_pack import unpack_int4
 from quantvla_fx.quant.weights import dequantize_weight
-from quantvla_fx.rewrite_context import RewriteContext
+from quantvla_fx.rewrite_context import PackedWeight, RewriteContext
 from quantvla_fx.weight_recipe import WeightRecipe
 
 
@@ -30,15 +30,17 @@ def quantize_weights(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
         recipe = WeightRecipe(gs, fold.clip, fold.transform, out_rot, fold.row_div)
         name = _safe(site.record.fqn)
         if not ctx.config.quantize:
-            (site.w_packed,) = ctx.inputs.add_derived((f"qv_{name}_wfloat",), (site.weight_pos,), recipe.float_weight,
+            (wfloat,) = ctx.inputs.add_derived((f"qv_{name}_wfloat",), (site.weight_pos,), recipe.float_weight,
                                                ("float",) + recipe.key)
+            ctx.weights[site] = PackedWeight(wfloat)
             continue
-        site.w_packed, site.w_scale = ctx.inputs.add_derived(
+        packed, scale = ctx.inputs.add_derived(
             (f"qv_{name}_w4", f"qv_{name}_wscale"), (site.weight_pos,), recipe, recipe.key
         )
-        if site.w_packed not in sqnr:
+        ctx.weights[site] = PackedWeight(packed, scale)
+        if packed not in sqnr:
             # How much the int4 rounding alone loses on this weight (transformed basis); once per pack.
-            deq = dequantize_weight(unpack_int4(ctx.inputs.real[site.w_packed]), ctx.inputs.real[site.w_scale])
-            sqnr[site.w_packed] = round(float(compute_error(recipe.transformed(site.weight), deq)), 2)
-        site.record.sqnr_db = sqnr[site.w_packed]
+            deq = dequantize_weight(unpack_int4(ctx.inputs.real[packed]), ctx.inputs.real[scale])
+            sqnr[packed] = round(float(compute_error(recipe.transformed(site.weight), deq)), 2)
+        site.record.sqnr_db = sqnr[packed]
     return gm

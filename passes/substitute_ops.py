@@ -109,10 +109,10 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
 
             def build_op(site=site, epilogue=epilogue, out_rot=out_rot, bias=bias, out_dtype=out_dtype):
                 if epilogue == "float":
-                    y = trace_into(graph, float_linear, x, site.w_packed, bias)
+                    y = trace_into(graph, float_linear, x, ctx.weights[site].packed, bias)
                 else:
                     fn = fused_linear if epilogue == "fused" else int32_epilogue
-                    y = trace_into(graph, fn, x_q, x_scale, site.w_packed, site.w_scale, bias, out_dtype, kernel)
+                    y = trace_into(graph, fn, x_q, x_scale, ctx.weights[site].packed, ctx.weights[site].scale, bias, out_dtype, kernel)
                 if out_rot is not None:
                     y = restore_nodes(graph, out_rot, y, site.bias, out_dtype)
                 return y

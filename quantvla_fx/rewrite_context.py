@@ -5,7 +5,7 @@ Each stage fills its own typed slot; later stages read it and never write it:
   group_inputs     -> ctx.groups   one GroupSite per activation that linears read
   fold_duquant     -> ctx.duquant  DuQuantPlan: per transform group its OnlineTransform,
                                    per linear its LinearFold (weight side, row divisor, output rotation)
-  quantize_weights -> site.w_packed, site.w_scale
+  quantize_weights -> ctx.weights  per linear its PackedWeight (derived-input placeholders)
   substitute_ops   reads them all and rewrites the graph.
 Graph inputs, original and derived, are ctx.inputs (graph_inputs.py).
 """
@@ -35,8 +35,6 @@ class LinearSite:
     weight: torch.Tensor  # the real parameter seen at compile time
     bias: Any  # bias node or None
     group: Optional["GroupSite"] = None
-    w_packed: Optional[fx.Node] = None
-    w_scale: Optional[fx.Node] = None
 
 
 @dataclass(eq=False)
@@ -105,6 +103,16 @@ class DuQuantPlan:
         return DuQuantPlan(groups, {s: LinearFold() for s in ctx.kept})
 
 
+# -- quantize_weights' result ------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedWeight:
+    """One linear's weight as the op reads it: packed int4 + scales, or (quantize=False) the
+    transformed float weight with no scale. Both are derived-input placeholders."""
+
+    packed: fx.Node
+    scale: Optional[fx.Node] = None
+
+
 class RewriteContext:
     def __init__(self, gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig, graph_id: int, fake_mode, packs=None):
         self.gm = gm
@@ -116,6 +124,7 @@ class RewriteContext:
         self.sites: list[LinearSite] = []  # match_linears
         self.groups: list[GroupSite] = []  # group_inputs
         self.duquant: Optional[DuQuantPlan] = None  # fold_duquant
+        self.weights: dict[LinearSite, PackedWeight] = {}  # quantize_weights
 
     @property
     def kept(self) -> list[LinearSite]:
