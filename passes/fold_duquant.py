@@ -58,8 +58,7 @@ def fold_duquant(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
         msg = (f"DuQuant packs were given but none of their {len(ctx.packs)} layers matches the "
                f"{len(ctx.kept)} selected linears of graph {ctx.graph_id} (packs name e.g. "
                f"{next(iter(ctx.packs))!r}, the graph {ctx.kept[0].record.fqn!r}); these run round-to-nearest")
-        log.warning("quantvla: %s", msg)
-        ctx.report.notes.append(msg)
+        ctx.report.warn(msg)
     return gm
 
 

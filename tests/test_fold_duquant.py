@@ -83,3 +83,12 @@ def test_packs_that_match_no_linear_warn(outlier_model_and_packs, caplog):
         _run(m, torch.randn(1, 4, 256), packs=renamed, lowering="eager")
     assert "none of their 6 layers matches the 6 selected linears" in caplog.text
     assert "'model.layers.0.mlp.gate_proj'" in caplog.text
+
+
+def test_packs_that_match_no_linear_are_a_python_warning(outlier_model_and_packs):
+    from quantvla_fx import QuantVLAWarning
+
+    m, packs = outlier_model_and_packs
+    renamed = Packs([type(lp)(**{**lp.__dict__, "fqn": "model." + lp.fqn}) for lp in packs.values()])
+    with pytest.warns(QuantVLAWarning, match="none of their 6 layers matches the 6 selected linears"):
+        _run(m, torch.randn(1, 4, 256), packs=renamed, lowering="eager")
