@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 import torch.fx as fx
 from torchao.quantization.utils import compute_error
 

@@ -1,19 +1,15 @@
 """Each fold rule on our Pi0.5 as gemma.py writes it, and on equivalent rewrites of the same modules:
 a harmless edit of the model must not turn a fold off, and every fold stays exact."""
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from quantvla_fx import QuantVLAConfig, calibrate
+from quantvla_fx import QuantVLAConfig
 from quantvla_fx.backend import report_book
-from quantvla_fx.models.pi05 import Observation, Pi05
 from quantvla_fx.models.pi05.gemma import GemmaMLP, GemmaRMSNorm
 
-GOLDEN = Path(__file__).parent / "data" / "pi05_tiny"
 CFG = QuantVLAConfig.pi05_mlp()
 LM, EXPERT = "paligemma.model.language_model.layers", "gemma_expert.model.layers"
 
@@ -56,20 +52,10 @@ SPELLINGS = {"gemma.py": {}, "sliced": {"norm": norm_sliced, "mlp": mlp_torch_mu
              "split": {"norm": norm_split, "mlp": mlp_method_mul}}
 
 
-@pytest.fixture(scope="module")
-def pi05():
-    policy = Pi05.from_pretrained(GOLDEN).eval()
-    obs = Observation.from_safetensors(GOLDEN / "inputs.safetensors")
-    noise = load_file(str(GOLDEN / "inputs.safetensors"))["noise"]
-    packs = calibrate(policy, [(obs,)], CFG, run=lambda m, b: m.sample_actions(*b, noise=noise),
-                      block_size=32, progress=False)
-    return policy, obs, noise, packs
-
-
 @pytest.fixture(scope="module", params=list(SPELLINGS))
-def folded(request, pi05):
+def folded(request, golden_pi05_calibrated):
     """(folds by kind and layer, max |compiled - eager|) of one spelling, quantize=False."""
-    policy, obs, noise, packs = pi05
+    policy, obs, noise, packs = golden_pi05_calibrated
     with pytest.MonkeyPatch.context() as mp:
         for cls, key in ((GemmaRMSNorm, "norm"), (GemmaMLP, "mlp")):
             if key in SPELLINGS[request.param]:

@@ -1,27 +1,12 @@
 """The backend on our Pi0.5: DuQuant folds (incl. adaRMS) are exact, W4A8 stays close to float."""
-from pathlib import Path
 
-import pytest
 import torch
-from safetensors.torch import load_file
 from torchao.quantization.utils import compute_error
 
-from quantvla_fx import QuantVLAConfig, calibrate
+from quantvla_fx import QuantVLAConfig
 from quantvla_fx.backend import report_book
-from quantvla_fx.models.pi05 import Observation, Pi05
 
-GOLDEN = Path(__file__).parent / "data" / "pi05_tiny"  # openpi's real tiny checkpoint (see its README.md)
 CFG = QuantVLAConfig.pi05_mlp()
-
-
-@pytest.fixture(scope="module")
-def policy_obs_packs():
-    policy = Pi05.from_pretrained(GOLDEN).eval()
-    obs = Observation.from_safetensors(GOLDEN / "inputs.safetensors")
-    noise = load_file(str(GOLDEN / "inputs.safetensors"))["noise"]
-    packs = calibrate(policy, [(obs,)], CFG, run=lambda m, b: m.sample_actions(*b, noise=noise),
-                      block_size=32, progress=False)
-    return policy, obs, noise, packs
 
 
 def _actions(policy, obs, noise, **opts):
@@ -31,8 +16,8 @@ def _actions(policy, obs, noise, **opts):
         return fn(obs, noise=noise)
 
 
-def test_folds_are_exact_on_pi05(policy_obs_packs):
-    policy, obs, noise, packs = policy_obs_packs
+def test_folds_are_exact_on_pi05(golden_pi05_calibrated):
+    policy, obs, noise, packs = golden_pi05_calibrated
     folded = _actions(policy, obs, noise, packs=packs, quantize=False, lowering="eager")
     notes = {n for r in report_book(None).graphs[-1].quantized for n in r.duquant}
     unfolded = _actions(policy, obs, noise, packs=packs, quantize=False, lowering="eager", duquant_fold=False)
@@ -46,8 +31,8 @@ def test_folds_are_exact_on_pi05(policy_obs_packs):
     assert float((folded - ref).abs().max()) <= 1e-5
 
 
-def test_w4a8_actions_stay_close_to_float(policy_obs_packs):
-    policy, obs, noise, packs = policy_obs_packs
+def test_w4a8_actions_stay_close_to_float(golden_pi05_calibrated):
+    policy, obs, noise, packs = golden_pi05_calibrated
     with torch.no_grad():
         ref = policy.sample_actions(obs, noise=noise)
     sqnr = float(compute_error(ref, _actions(policy, obs, noise, packs=packs)))
