@@ -188,6 +188,23 @@ def test_bitblas_tuning_switches_reach_the_kernel(monkeypatch):
     assert seen == {"enable_tuning": True, "opt_m": (16, 64)}
 
 
+def test_bitblas_settings_do_not_leak_into_the_next_compile(monkeypatch):
+    import dataclasses
+
+    from quantvla_fx.kernel_support import parse_kernel_arg
+    from quantvla_fx.kernels import select
+
+    seen = []
+    real = select.resolve_kernel
+    monkeypatch.setattr(select, "resolve_kernel", lambda arg, *a: seen.append(dataclasses.asdict(parse_kernel_arg(arg)[1])) or real(arg, *a))
+    tuned = QuantVLAConfig.from_env({"OPENPI_BITBLAS_ENABLE_TUNING": "1", "OPENPI_BITBLAS_OPT_M": "16,64"}, include=(".*",))
+    torch.compile(Odd(32), backend="quantvla", options=tuned.to_options())(torch.randn(2, 32))
+    torch._dynamo.reset()
+    torch.compile(Odd(32), backend="quantvla", options=ALL)(torch.randn(2, 32))  # model B: no settings
+    assert seen[0] == {"enable_tuning": True, "opt_m": (16, 64)}
+    assert seen[-1] == {"enable_tuning": False, "opt_m": ()}
+
+
 @pytest.mark.parametrize("option, value, fragment", [
     ("quantize", "False", "quantize='False': must be True or False"),
     ("debug", "no", "debug='no': must be True or False"),
