@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install this checkout, run the GPU tests, run the per-op benchmark.
-#   bash benchmarks/gpu_run.sh [tests|ops|all]      (results and logs go to $OUT, else ./out)
+#   bash benchmarks/gpu_run.sh [tests|ops|all|e2e]  (results and logs go to $OUT, else ./out)
+#   e2e: benchmarks/bench_pi05.py with $E2E_ARGS (e.g. "--phase cold --variant quantvla_w4a8").
 # Expects, beside the checkout (both git-ignored): .whl/ with the torchao and setuptools wheels the
 # image lacks, and optionally .carry/ from ../shared/device/prepare_bitblas_carry.sh for BitBLAS.
 set -euo pipefail
@@ -24,4 +25,8 @@ fi
 if [ "$what" = ops ] || [ "$what" = all ]; then
   python3 benchmarks/bench_ops.py --kernels "${KERNELS:-triton,bitblas}" --out "$out/results" 2>&1 | tee "$out/bench_ops.log"
   python3 benchmarks/plot_results.py "$out/results/$(ls "$out/results" | head -1)"
+fi
+if [ "$what" = e2e ]; then
+  # shellcheck disable=SC2086  # E2E_ARGS is a list of arguments
+  python3 benchmarks/bench_pi05.py ${E2E_ARGS:-} --out "$out/results" 2>&1 | tee -a "$out/bench_pi05.log"
 fi

@@ -40,22 +40,24 @@ def plot_ops(path: str) -> str:
 
 
 def plot_e2e(paths: list) -> str:
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    labels, bf, qv = [], [], []
-    for p in paths:
+    """Stacked kernel time by category per variant (one panel per horizon), latency on top."""
+    cats = ("attention", "gemm", "w4a8", "inductor_triton", "other")
+    variants = ("inductor_bf16", "quantvla_bf16", "quantvla_w4a8")
+    fig, axes = plt.subplots(1, len(paths), figsize=(4.6 * len(paths), 3.8), squeeze=False)
+    for ax, p in zip(axes[0], paths):
         d = json.load(open(p))
-        labels.append(f"H={d['horizon']}")
-        bf.append(d["inductor_bf16"]["latency_us"] / 1e3)
-        qv.append(d["quantvla"]["latency_us"] / 1e3)
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], bf, 0.4, label="Inductor bf16")
-    ax.bar([x + 0.2 for x in xs], qv, 0.4, label="quantvla W4A8")
-    for x, b, q in zip(xs, bf, qv):
-        ax.text(x + 0.2, q, f"{b / q:.2f}×", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), labels)
-    ax.set_ylabel("sample_actions latency (ms)")
-    ax.set_title("Pi0.5 sample_actions, B=1, 10 steps", fontsize=10)
-    ax.legend(fontsize=8)
+        vs = [v for v in variants if v in d]
+        bottom = [0.0] * len(vs)
+        for c in cats:
+            h = [d[v]["by_category_ms"][c] for v in vs]
+            ax.bar(range(len(vs)), h, 0.6, bottom=bottom, label=c)
+            bottom = [b + x for b, x in zip(bottom, h)]
+        for x, v in enumerate(vs):
+            ax.text(x, bottom[x], f"{d[v]['latency_ms']:.1f} ms", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(vs)), [v.replace("_", "\n", 1) for v in vs], fontsize=8)
+        ax.set_ylabel("kernel time per call (ms)")
+        ax.set_title(f"Pi0.5 sample_actions, H={d['horizon']}, B=1 ({d['gpu']})", fontsize=9)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     out = os.path.join(os.path.dirname(paths[0]), "bench_pi05.png")
     fig.savefig(out, dpi=120)

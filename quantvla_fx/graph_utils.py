@@ -111,6 +111,9 @@ def add_input(gm: fx.GraphModule, name: str, real: torch.Tensor, fake_mode) -> f
     node._dynamo_source = None
     node.meta["example_value"] = fake_mode.from_tensor(real, static_shapes=True)
     node.meta["quantvla_derived"] = True
+    # A static input to AOTAutograd / CUDA graphs: a replay reads the pack where it lives instead of
+    # copying it into the graph's pool each call; a re-pack (new address) makes the graph re-record.
+    node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
     return node
 
 

@@ -51,3 +51,40 @@ def test_compiled_close_to_eager_rewrite(dtype):
     eager = _run(m, x, kernel="reference", lowering="eager")
     compiled = _run(m, x)
     assert _rel(compiled, eager) <= (1e-2 if dtype == torch.float32 else 3e-2)
+
+
+
+def _up_proj(model):
+    return next(mod for name, mod in model.named_modules() if name.endswith("mlp.up_proj"))
+
+
+
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+def test_cudagraphs_replay_reads_the_live_packs(kernel):
+    """cudagraphs=True: replays match the graph without CUDA graphs, and an in-place weight edit
+    between replays re-packs (a new pack address), so the CUDA graph re-records instead of
+    replaying the old pack.  The CUDA-graph compile runs first, so buffers a kernel keeps
+    (split-K counters) are first allocated under the graph trees' warm-up."""
+    import copy
+
+    if kernel != "auto" and kernel_unavailable_reason(kernel, torch.device("cuda")):
+        pytest.skip(kernel_unavailable_reason(kernel, torch.device("cuda")))
+    m, x = _model_and_input(torch.float32)
+    m2 = copy.deepcopy(m)
+    torch._dynamo.reset()
+    fn = torch.compile(m, backend="quantvla",
+                       options=QuantVLAConfig.all_linears(kernel=kernel, cudagraphs=True).to_options())
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, recording, replay
+            torch.compiler.cudagraph_mark_step_begin()
+            first = fn(x).clone()
+        _up_proj(m).weight.mul_(-1.0)
+        for _ in range(3):
+            torch.compiler.cudagraph_mark_step_begin()
+            edited = fn(x).clone()
+    want = _run(m2, x, kernel=kernel)
+    with torch.no_grad():
+        _up_proj(m2).weight.mul_(-1.0)
+    want_edited = _run(m2, x, kernel=kernel)
+    assert _rel(first, want) <= 1e-6
+    assert _rel(edited, want_edited) <= 1e-6 and _rel(edited, want) > 1e-3

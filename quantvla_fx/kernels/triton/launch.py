@@ -54,10 +54,31 @@ def _counters(dev: torch.device, tiles: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
     key = (str(dev), stream)
     buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=dev)
-        _COUNTERS[key] = buf
-        _KEEP.append(buf)
+    if buf is not None and buf.numel() >= tiles:
+        return buf
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # First use inside a capture: a buffer of the graph's own, zeroed by a memset node per replay.
+        return torch.zeros(tiles, dtype=torch.int32, device=dev)
+    buf = _zeros_outside_graph_pools(max(tiles, 4096), dev)
+    _COUNTERS[key] = buf
+    _KEEP.append(buf)
+    return buf
+
+
+def _zeros_outside_graph_pools(n: int, dev: torch.device) -> torch.Tensor:
+    """A long-lived zeroed buffer that is not in a CUDA-graph memory pool.
+
+    CUDA-graph trees (``cudagraphs=True`` / ``mode="reduce-overhead"``) route the current stream's
+    allocations into their private pool during warm-up and refuse to record when a tensor they do
+    not own stays alive there; allocating on a side stream keeps the buffer in the ordinary pool.
+    """
+    if dev.type != "cuda":
+        return torch.zeros(n, dtype=torch.int32, device=dev)
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        buf = torch.zeros(n, dtype=torch.int32, device=dev)
+    torch.cuda.current_stream(dev).wait_stream(side)
     return buf
 
 
