@@ -21,6 +21,7 @@ from quantvla_fx.passes.match_linears import match_linears
 from quantvla_fx.passes.quantize_weights import quantize_weights
 from quantvla_fx.passes.substitute_ops import substitute_ops
 
+from . import float_weights
 from .config import QuantVLAConfig
 from .derived_inputs import DerivedInputProvider
 from .dump import GraphDumper
@@ -94,15 +95,17 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig):
 def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict[str, Any]] = None, mode: Optional[str] = None):
     config = QuantVLAConfig.from_options(options)
     _check_kernel_available(config, example_inputs)
-    new_gm, ctx = rewrite(gm, example_inputs, config)
-    patches = _inductor_patches(mode, config)
-    if config.lowering == "eager":
-        compiled = new_gm.forward
-    elif not ctx.inputs.specs:
-        return compile_fx(new_gm, list(example_inputs), config_patches=patches)
-    else:
-        compiled = compile_fx(new_gm, list(example_inputs) + _static_fakes(ctx.inputs.values), config_patches=patches)
-    provider = DerivedInputProvider(ctx.inputs.specs, verify_weights=config.verify_weights)
+    with float_weights.borrowed(example_inputs):  # a recompile reads weights freed after an earlier packing
+        new_gm, ctx = rewrite(gm, example_inputs, config)
+        offload = float_weights.plan(new_gm, ctx.inputs, ctx.inputs.specs, config)  # freed at the first call
+        patches = _inductor_patches(mode, config)
+        if config.lowering == "eager":
+            compiled = new_gm.forward
+        elif not ctx.inputs.specs:
+            return compile_fx(new_gm, list(example_inputs), config_patches=patches)
+        else:
+            compiled = compile_fx(new_gm, list(example_inputs) + _static_fakes(ctx.inputs.values), config_patches=patches)
+    provider = DerivedInputProvider(ctx.inputs.specs, verify_weights=config.verify_weights, on_built=offload)
 
     layers = tuple(dict.fromkeys(s.record.fqn for s in ctx.kept))
 

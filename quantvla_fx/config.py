@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from .config_checks import (ConfigError, check_bool, check_inductor_options, check_int, check_int_tuple,
-                            check_optional_path, check_packs)
+from .config_checks import (ConfigError, check_bool, check_float_weights, check_inductor_options, check_int,
+                            check_int_tuple, check_optional_path, check_packs)
 from .kernel_support import KERNELS
 
 log = logging.getLogger("quantvla_fx")
@@ -77,6 +77,11 @@ class QuantVLAConfig:
         inductor_options: ``torch._inductor.config`` settings for this compile (checked by name).
         cudagraphs: run the compiled graph through CUDA graphs (what ``mode="reduce-overhead"``
             gives; ``mode`` cannot be combined with ``options``).
+        float_weights: what happens to a quantized linear's float weight once its packs exist
+            (float_weights.py): ``offload`` (to pinned CPU memory, the source of truth for
+            re-packing; the module still runs eagerly), ``drop`` (freed; the layer runs only
+            compiled), ``keep`` (stays on its device) or ``auto`` (default: ``offload`` for weights
+            on a GPU, ``keep`` on the CPU and with ``verify_weights`` or ``quantize=False``).
     """
 
     include: tuple[str, ...] = PI05_MLP_INCLUDE
@@ -97,6 +102,7 @@ class QuantVLAConfig:
     verify_weights: bool = False
     inductor_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     cudagraphs: bool = False
+    float_weights: str = "auto"
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
     _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
 
@@ -114,6 +120,7 @@ class QuantVLAConfig:
         set_("dump_dir", check_optional_path("dump_dir", self.dump_dir))
         set_("packs", check_packs(self.packs))
         set_("inductor_options", check_inductor_options(self.inductor_options))
+        check_float_weights(self.float_weights, self.quantize, self.verify_weights)
         if self.weight_bits != 4:
             raise ConfigError(f"weight_bits={self.weight_bits!r}: only 4-bit weights are implemented")
         if self.act_bits != 8:

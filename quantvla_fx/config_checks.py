@@ -74,3 +74,19 @@ def check_inductor_options(value: Any) -> dict:
             raise ConfigError(f"inductor_options[{key!r}]={v!r}: must be {type(default).__name__} "
                               f"like its default {default!r}")
     return dict(value)
+
+
+FLOAT_WEIGHTS = ("auto", "keep", "offload", "drop")
+
+
+def check_float_weights(value: Any, quantize: bool, verify_weights: bool) -> str:
+    """One of FLOAT_WEIGHTS; offload/drop cannot serve options that need the float weights in place."""
+    if value not in FLOAT_WEIGHTS:
+        raise ConfigError(f"float_weights={value!r}: choose one of {FLOAT_WEIGHTS}")
+    if value in ("offload", "drop") and verify_weights:
+        raise ConfigError(f"float_weights={value!r} with verify_weights=True: verifying reads every quantized "
+                          "weight on its device at every call; use float_weights='keep' (or 'auto')")
+    if value in ("offload", "drop") and not quantize:
+        raise ConfigError(f"float_weights={value!r} with quantize=False: the float weights are what that check "
+                          "runs on; use float_weights='keep' (or 'auto')")
+    return value

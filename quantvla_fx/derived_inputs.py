@@ -14,15 +14,20 @@ recomputed from the live weight whenever that weight's identity, version or stor
   ``inference_mode`` bumps no version counter), and so does every call with ``verify_weights``.
 * :class:`DerivedInputProvider` — per compiled graph; one tuple compare per call on the hot path.
 * :func:`refresh` — forget the packs of a model's weights after an edit no counter saw.
+
+A source whose storage quantvla freed after packing (float_weights.py, offloaded.py) is keyed by
+its CPU copy's version instead, and re-packed from a temporary copy on its device.
 """
 from __future__ import annotations
 
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Hashable, Optional, Sequence
 
 import torch
+
+from . import offloaded
 
 log = logging.getLogger("quantvla_fx")
 
@@ -35,7 +40,12 @@ class DerivedInput:
     key: Hashable  # everything besides the sources that determines the outputs
 
 
-def _tensor_key(t: torch.Tensor) -> tuple[int, int, int]:
+def tensor_key(t: torch.Tensor) -> tuple:
+    """(id, version, storage) of a source; for a weight freed after packing, its CPU copy's version."""
+    if id(t) in offloaded.REGISTRY or t.data_ptr() == 0:
+        key = offloaded.freed_key(t)
+        if key is not None:
+            return key
     try:
         version = t._version
     except RuntimeError:  # inference tensors have no version counter
@@ -85,28 +95,77 @@ class PackCache:
 
     def get(self, spec: DerivedInput, sources: Sequence[torch.Tensor], check_content: bool = False) -> tuple[torch.Tensor, ...]:
         """The derived tensors for these sources; ``check_content`` also compares the sources' bits."""
-        src_keys = tuple(_tensor_key(t) for t in sources)
+        src_keys = tuple(tensor_key(t) for t in sources)
         key = (spec.key, src_keys)
         hit = self._entries.get(key)
-        digests = tuple(content_digest(t) for t in sources) if check_content else None
-        if hit is not None and self._alive(sources) and (digests is None or digests == hit[1]):
+        if hit is not None and not self._alive(sources):
+            hit = None
+        if hit is not None and not check_content:
             return hit[0]
-        if hit is not None and digests is not None and digests != hit[1]:
+        # A freed weight: a temporary copy on its device (None: dropped, nothing to read).
+        real = [offloaded.materialized(t, dropped_ok=True) for t in sources]
+        if hit is not None:  # check_content
+            if self._digests(real, hit) == hit[1]:
+                return hit[0]
             log.info("quantvla: weight content changed without a version bump; re-packing %s", spec.names)
+        for t, r in zip(sources, real):
+            if r is None:
+                offloaded.materialized(t)  # raises: a dropped weight cannot be re-packed
+        digests = self._digests(real, None) if check_content else None
         with torch.no_grad():
-            out = tuple(spec.compute(*sources))
+            out = tuple(spec.compute(*real))
         self.builds += 1
         ids = (spec.key, tuple(k[0] for k in src_keys))
         stale = self._latest.get(ids)
         if stale is not None:  # the same weights at an older version: drop that pack
             self._entries.pop(stale, None)
         if digests is None:
-            digests = tuple(content_digest(t) for t in sources)
+            digests = self._digests(real, None)
         self._entries[key] = (out, digests)
         self._latest[ids] = key
         for t in sources:
             self._watch_tensor(t, key)
         return out
+
+    @staticmethod
+    def _digests(real, hit) -> tuple:
+        # A dropped weight has no bits left to compare; it cannot have changed either.
+        return tuple(hit[1][i] if hit is not None and r is None else content_digest(r)
+                     for i, r in enumerate(real))
+
+    def rekey(self, t: torch.Tensor, old: tuple, new: tuple) -> int:
+        """Entries computed from ``t`` under its key ``old`` now answer to ``new`` (``t`` was freed or
+        brought back: same values, another key). Returns how many entries moved."""
+        w = self._watch.get(id(t))
+        if w is None or w[0]() is not t or old == new:
+            return 0
+        moved = {}
+        for key in list(w[1]):
+            spec_key, src_keys = key
+            if old in src_keys and key in self._entries:
+                new_key = (spec_key, tuple(new if k == old else k for k in src_keys))
+                self._entries[new_key] = self._entries.pop(key)
+                moved[key] = new_key
+        for ids, key in list(self._latest.items()):
+            if key in moved:
+                self._latest[ids] = moved[key]
+        for ref, keys in self._watch.values():
+            for key in keys & moved.keys():
+                keys.discard(key)
+                keys.add(moved[key])
+        return len(moved)
+
+    def outputs_of(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The derived tensors computed from any of ``tensors`` (each once)."""
+        out: dict[int, torch.Tensor] = {}
+        for t in tensors:
+            w = self._watch.get(id(t))
+            if w is None or w[0]() is not t:
+                continue
+            for key in w[1]:
+                for o in self._entries.get(key, ((), ()))[0]:
+                    out.setdefault(id(o), o)
+        return list(out.values())
 
     def forget(self, tensors: Sequence[torch.Tensor]) -> int:
         """Drop every entry computed from any of ``tensors``; returns how many were dropped."""
@@ -155,25 +214,35 @@ class DerivedInputProvider:
     """Computes a compiled graph's trailing inputs from its live arguments.
 
     ``verify_weights``: compare the sources' content on every call (see :func:`content_digest`).
+    ``on_built``: called with the arguments after every lookup off the fast path (float_weights
+    frees the float weights there once their packs exist).
     """
 
-    def __init__(self, specs: Sequence[DerivedInput], cache: PackCache = PACK_CACHE, verify_weights: bool = False):
+    def __init__(self, specs: Sequence[DerivedInput], cache: PackCache = PACK_CACHE, verify_weights: bool = False,
+                 on_built: Optional[Callable[[Sequence], None]] = None):
         self.specs = tuple(specs)
         self.cache = cache
         self.verify_weights = verify_weights
+        self.on_built = on_built
         self.positions = tuple(sorted({i for s in self.specs for i in s.sources}))
         self._last_key = None
         self._last: tuple[torch.Tensor, ...] = ()
         self._refs: tuple = ()
 
+    def _key(self, args: Sequence) -> tuple:
+        return (self.cache.generation,) + tuple(tensor_key(args[i]) for i in self.positions)
+
     def __call__(self, args: Sequence) -> tuple[torch.Tensor, ...]:
-        key = (self.cache.generation,) + tuple(_tensor_key(args[i]) for i in self.positions)
+        key = self._key(args)
         if (not self.verify_weights and key == self._last_key
                 and all(r() is args[i] for r, i in zip(self._refs, self.positions))):
             return self._last
         out: list[torch.Tensor] = []
         for spec in self.specs:
             out.extend(self.cache.get(spec, [args[i] for i in spec.sources], check_content=self.verify_weights))
+        if self.on_built is not None:
+            self.on_built(args)  # may free sources: their keys change
+            key = self._key(args)
         self._last_key, self._last = key, tuple(out)
         self._refs = tuple(weakref.ref(args[i]) for i in self.positions)
         return self._last

@@ -73,7 +73,8 @@ def test_cudagraphs_replay_reads_the_live_packs(kernel):
     m2 = copy.deepcopy(m)
     torch._dynamo.reset()
     fn = torch.compile(m, backend="quantvla",
-                       options=QuantVLAConfig.all_linears(kernel=kernel, cudagraphs=True).to_options())
+                       options=QuantVLAConfig.all_linears(kernel=kernel, cudagraphs=True,
+                                                          float_weights="keep").to_options())  # edited on the GPU
     with torch.no_grad():
         for _ in range(3):  # warm-up, recording, replay
             torch.compiler.cudagraph_mark_step_begin()
@@ -82,7 +83,7 @@ def test_cudagraphs_replay_reads_the_live_packs(kernel):
         for _ in range(3):
             torch.compiler.cudagraph_mark_step_begin()
             edited = fn(x).clone()
-    want = _run(m2, x, kernel=kernel)
+    want = _run(m2, x, kernel=kernel, float_weights="keep")
     with torch.no_grad():
         _up_proj(m2).weight.mul_(-1.0)
     want_edited = _run(m2, x, kernel=kernel)
