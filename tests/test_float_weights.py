@@ -223,7 +223,7 @@ class ReadsWeightInFloat(torch.nn.Module):
         self.lin = torch.nn.Linear(64, 64)
 
     def forward(self, x):
-        return self.lin(x) + self.lin.weight.sum()  # a use that is no derived input
+        return self.lin(x) + x @ self.lin.weight  # a float use (not weight-only: no derived input)
 
 
 def test_a_weight_also_read_in_float_stays():
