@@ -146,7 +146,9 @@ def free(tensors: Sequence[torch.Tensor], names: Sequence[str], modes: Sequence[
         PACK_CACHE.rekey(t, old, tensor_key(t))  # the packs built from it stay valid
         n += 1
     if n:
-        log.info("quantvla: freed %d float weight(s) after packing (%s)", n, ", ".join(sorted(set(modes))))
+        log.info("quantvla: freed %d float weight(s) after packing (float_weights: %s); they have no storage "
+                 "now: quantvla_fx.float_weights.restore(model) before reading them directly", n,
+                 ", ".join(sorted(set(modes))))
     return n
 
 
