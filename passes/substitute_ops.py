@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.fx.node import map_arg
 
 import quantvla_fx.ops  # noqa: F401  (registers torch.ops.quantvla.*)
 from quantvla_fx.duquant.transform import apply_activation_transform, restore_rows
@@ -101,6 +102,9 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
 
         (x, x_q, x_scale), new = _inserted_before(first.node, build_input)
         _finish_nodes(ctx, new, first.node)
+        if ctx.weights[first].rows is not None:
+            _one_gemm(ctx, tg, x, x_q, x_scale, kernel, replaced)
+            continue
         for site in tg.members:
             out_dtype = site.node.meta["example_value"].dtype
             epilogue = choose_epilogue(ctx, site)
@@ -108,21 +112,92 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
             bias = None if out_rot is not None else site.bias
 
             def build_op(site=site, epilogue=epilogue, out_rot=out_rot, bias=bias, out_dtype=out_dtype):
-                if epilogue == "float":
-                    y = trace_into(graph, float_linear, x, ctx.weights[site].packed, bias)
-                else:
-                    fn = fused_linear if epilogue == "fused" else int32_epilogue
-                    y = trace_into(graph, fn, x_q, x_scale, ctx.weights[site].packed, ctx.weights[site].scale, bias, out_dtype, kernel)
+                y = _gemm(graph, epilogue, x, x_q, x_scale, ctx.weights[site], bias, out_dtype, kernel)
                 if out_rot is not None:
                     y = restore_nodes(graph, out_rot, y, site.bias, out_dtype)
                 return y
 
             y, new = _inserted_before(site.node, build_op)
             _finish_nodes(ctx, new, site.node)
-            site.record.op = {"fused": "quantvla::w4a8_linear", "int32": "quantvla::w4a8_mm + aten epilogue",
-                              "float": "aten.linear (quantize=False)"}[epilogue]
+            site.record.op = _OP_NAMES[epilogue]
             site.record.kernel = report_name(kernel, site.weight.device)  # chosen behind the op, at its first call
-            site.node.replace_all_uses_with(y)
-            graph.erase_node(site.node)
-            replaced[site.node] = y
+            _replace(graph, site, y, replaced)
     return gm
+
+
+_OP_NAMES = {"fused": "quantvla::w4a8_linear", "int32": "quantvla::w4a8_mm + aten epilogue",
+             "float": "aten.linear (quantize=False)"}
+
+
+def _gemm(graph, epilogue, x, x_q, x_scale, weight, bias, out_dtype, kernel):
+    if epilogue == "float":
+        return trace_into(graph, float_linear, x, weight.packed, bias)
+    fn = fused_linear if epilogue == "fused" else int32_epilogue
+    return trace_into(graph, fn, x_q, x_scale, weight.packed, weight.scale, bias, out_dtype, kernel)
+
+
+def _replace(graph: fx.Graph, site: LinearSite, y: fx.Node, replaced: dict) -> None:
+    site.node.replace_all_uses_with(y)
+    graph.erase_node(site.node)
+    replaced[site.node] = y
+
+
+def _one_gemm(ctx: RewriteContext, tg, x, x_q, x_scale, kernel, replaced: dict) -> None:
+    """The group's linears as ONE op over their stacked pack; each linear's output is a view of its rows."""
+    graph = ctx.gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    members = sorted(tg.members, key=lambda s: order[s.node])
+    first, pack = members[0], ctx.weights[members[0]]
+    out_dtype = first.node.meta["example_value"].dtype
+    epilogue = choose_epilogue(ctx, first)
+    y_all, new = _inserted_before(first.node, lambda: _gemm(graph, epilogue, x, x_q, x_scale, pack, pack.bias,
+                                                           out_dtype, kernel))
+    _finish_nodes(ctx, new, first.node)
+    n_all = sum(s.record.out_features for s in tg.members)
+    names = ", ".join(f"`{s.record.fqn}`" for s in tg.members)
+    for site in members:
+        weight = ctx.weights[site]
+        start, stop = weight.rows
+        out_rot = ctx.duquant.linears[site].out_rot
+        later_bias = None if weight.bias_in_pack else site.bias
+
+        def build(site=site, start=start, stop=stop, out_rot=out_rot, later_bias=later_bias):
+            y = graph.call_function(torch.narrow, (y_all, -1, start, stop - start))
+            if out_rot is not None:
+                return restore_nodes(graph, out_rot, y, later_bias, out_dtype)
+            return y if later_bias is None else trace_into(graph, _add_bias, y, later_bias)
+
+        y, new = _inserted_before(site.node, build)
+        _finish_nodes(ctx, new, site.node)
+        if _views_need_contiguous(ctx, site.node, y):
+            with graph.inserting_after(y):
+                y = graph.call_method("contiguous", (y,))
+            _finish_nodes(ctx, [y], site.node)
+        site.record.op = f"{_OP_NAMES[epilogue]}: one op for {names} (rows {start}:{stop} of {n_all})"
+        site.record.kernel = report_name(kernel, site.weight.device)
+        _replace(graph, site, y, replaced)
+
+
+def _add_bias(y, bias):
+    return y + bias.detach()
+
+
+def _views_need_contiguous(ctx: RewriteContext, old: fx.Node, y: fx.Node) -> bool:
+    """Whether a reader of the linear's output cannot take its rows as a strided view (e.g. .view
+    merging the last dim); those get a contiguous copy, which Inductor fuses into the reader."""
+    fake = y.meta["example_value"]
+    if fake.is_contiguous():
+        return False
+    for user in old.users:
+        if user.op not in ("call_function", "call_method"):
+            continue
+        args, kwargs = map_arg((user.args, user.kwargs), lambda n: fake if n is old else n.meta.get("example_value"))
+        try:
+            with ctx.inputs.fake_mode:
+                if user.op == "call_function":
+                    user.target(*args, **kwargs)
+                else:
+                    getattr(args[0], user.target)(*args[1:], **kwargs)
+        except Exception:  # noqa: BLE001 (any failure means: give it a dense tensor)
+            return True
+    return False

@@ -17,6 +17,7 @@ from torch._inductor.compile_fx import compile_fx
 
 from quantvla_fx.passes.fold_duquant import fold_duquant
 from quantvla_fx.passes.group_inputs import group_inputs
+from quantvla_fx.passes.hoist_weight_only import find_weight_only, hoist_weight_only
 from quantvla_fx.passes.match_linears import match_linears
 from quantvla_fx.passes.quantize_weights import quantize_weights
 from quantvla_fx.passes.substitute_ops import substitute_ops
@@ -33,8 +34,10 @@ from .report import ReportBook
 log = logging.getLogger("quantvla_fx")
 
 # Analyses read the graph and record what they found (dumped as tables); passes change the graph.
-ANALYSES = (match_linears, group_inputs)
-PASSES = (fold_duquant, quantize_weights, substitute_ops)
+# find_weight_only takes linears that hoist_weight_only will compute once out of quantization;
+# the hoist runs last, so the passes before it see the weight-only subgraphs as written.
+ANALYSES = (match_linears, find_weight_only, group_inputs)
+PASSES = (fold_duquant, quantize_weights, substitute_ops, hoist_weight_only)
 
 _graph_ids = itertools.count()
 _books: dict[Optional[str], ReportBook] = {}

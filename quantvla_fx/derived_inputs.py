@@ -149,7 +149,7 @@ class PackCache:
         for ids, key in list(self._latest.items()):
             if key in moved:
                 self._latest[ids] = moved[key]
-        for ref, keys in self._watch.values():
+        for _, keys in self._watch.values():
             for key in keys & moved.keys():
                 keys.discard(key)
                 keys.add(moved[key])

@@ -138,10 +138,7 @@ def free(tensors: Sequence[torch.Tensor], names: Sequence[str], modes: Sequence[
             for module, _ in r.owners:
                 _hook(module)
         if mode == "offload":
-            if r.cpu is None:
-                pin = t.device.type == "cuda" and torch.cuda.is_available()
-                r.cpu = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu", pin_memory=pin)
-            r.cpu.copy_(t.detach())  # the values now (also after a re-pack from new ones)
+            _copy_out(t, r)  # the values now (also after a re-pack from new ones)
         t.untyped_storage().resize_(0)
         PACK_CACHE.rekey(t, old, tensor_key(t))  # the packs built from it stay valid
         n += 1
@@ -244,6 +241,23 @@ def _bring_back(t: torch.Tensor, why: str) -> None:
     log.info("quantvla: %s is back on %s (%s)", r.name, t.device, why)
 
 
+def _copy_out(t: torch.Tensor, r: Freed) -> None:
+    # Outside inference mode: an inference tensor has no version counter, and the copy's version
+    # is what tells an edit of it (a call under torch.inference_mode() is the usual way to run).
+    with torch.inference_mode(False):
+        if r.cpu is None:
+            pin = t.device.type == "cuda" and torch.cuda.is_available()
+            r.cpu = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu", pin_memory=pin)
+        r.cpu.copy_(t.detach())
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # a parameter made under inference_mode has no version counter
+        return -1
+
+
 def _fill(t: torch.Tensor, r: Freed) -> None:
     t.untyped_storage().resize_(r.nbytes)
     if r.cpu is not None:
@@ -259,7 +273,7 @@ def _borrow(t: torch.Tensor, r: Freed) -> None:
     if r.cpu is None:
         raise r.dropped_error("run it in float")
     _fill(t, r)
-    r.borrowed, r.version = 1, t._version
+    r.borrowed, r.version = 1, _version(t)
 
 
 def _give_back(t: torch.Tensor, r: Freed) -> None:
@@ -268,8 +282,8 @@ def _give_back(t: torch.Tensor, r: Freed) -> None:
     r.borrowed -= 1
     if r.borrowed:
         return
-    if t._version != r.version:  # edited while borrowed: the copy follows
-        r.cpu.copy_(t.detach())
+    if r.version != -1 and _version(t) != r.version:  # edited while borrowed: the copy follows
+        _copy_out(t, r)
     t.untyped_storage().resize_(0)
 
 
@@ -370,6 +384,7 @@ def _post_load(module, incompatible_keys):
     for _, t, r in _freed_of(module):
         if r.loading:
             r.loading = False
-            r.version = -1  # always copy back (whatever the version counter says)
+            _copy_out(t, r)  # whatever the version counter says
+            r.version = _version(t)
             _give_back(t, r)
 

@@ -6,13 +6,17 @@ recipe that recomputes it when the weight changes (see derived_inputs.py).
 """
 from __future__ import annotations
 
+import re
 from typing import Hashable, Optional
 
 import torch
 import torch.fx as fx
 
 from .derived_inputs import PACK_CACHE, DerivedInput
-from .graph_utils import add_input
+from .graph_utils import add_input, source_name
+
+# How Dynamo names a module's parameter or buffer lifted to a graph input (inlined nn modules).
+_PARAM_OR_BUFFER = re.compile(r"\._(parameters|buffers)\[")
 
 
 class GraphInputs:
@@ -25,6 +29,7 @@ class GraphInputs:
         self.real: dict[fx.Node, torch.Tensor] = {}  # derived placeholder -> its compile-time value
         self._position = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         self._memo: dict[tuple, list[fx.Node]] = {}
+        self.origin: dict[fx.Node, tuple[DerivedInput, int]] = {}  # derived placeholder -> (its spec, output index)
         self._names: set[str] = {n.name for n in gm.graph.nodes}
 
     def position(self, node) -> Optional[int]:
@@ -36,6 +41,28 @@ class GraphInputs:
         pos = self.position(node)
         value = self.example[pos] if pos is not None else None
         return value if isinstance(value, torch.Tensor) else None
+
+    def is_weight(self, node) -> bool:
+        """Whether a placeholder holds a module's parameter or buffer, or is derived from them.
+
+        Those are the inputs a derived input may be computed from: they are the same tensors call
+        after call, and the provider re-derives when one changes (its version, storage or identity).
+        """
+        if not isinstance(node, fx.Node) or node.op != "placeholder":
+            return False
+        if node in self.origin:
+            return True
+        if isinstance(self.tensor(node), torch.nn.Parameter):
+            return True
+        source = getattr(node, "_dynamo_source", None)
+        if source is None:
+            source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is None:
+            return False
+        from torch._dynamo.source import ParamBufferSource, UnspecializedParamBufferSource
+
+        return isinstance(source, (ParamBufferSource, UnspecializedParamBufferSource)) or bool(
+            _PARAM_OR_BUFFER.search(source_name(source)))
 
     def add_derived(self, names: tuple[str, ...], sources: tuple[int, ...], compute, key: Hashable) -> list[fx.Node]:
         """Register weight-derived inputs and return their placeholder nodes.
@@ -55,8 +82,27 @@ class GraphInputs:
         self.values.extend(values)
         nodes = [add_input(self.gm, n, v, self.fake_mode) for n, v in zip(spec.names, values)]
         self.real.update(zip(nodes, values))
+        self.origin.update((n, (spec, i)) for i, n in enumerate(nodes))
         self._memo[(key, sources)] = nodes
         return nodes
+
+    def drop_unused(self) -> int:
+        """Remove the derived inputs that no node reads any more (e.g. read only by a hoisted
+        subgraph); returns how many placeholders went."""
+        keep, values, dropped = [], [], 0
+        for spec in self.specs:
+            nodes = [n for n, (s, _) in self.origin.items() if s is spec]
+            if any(n.users for n in nodes):
+                keep.append(spec)
+                values.extend(self.real[n] for n in sorted(nodes, key=lambda n: self.origin[n][1]))
+                continue
+            for n in nodes:
+                self.gm.graph.erase_node(n)
+                del self.origin[n], self.real[n]
+                dropped += 1
+            self._memo = {k: v for k, v in self._memo.items() if v[0] not in nodes}
+        self.specs, self.values = keep, values
+        return dropped
 
     def _unique(self, name: str) -> str:
         base, i = name, 0

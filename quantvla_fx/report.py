@@ -43,6 +43,7 @@ class GraphReport:
     linears: list[LinearRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
+    hoisted: list[dict] = field(default_factory=list)  # passes/hoist_weight_only.py: what it computes once
 
     @property
     def quantized(self) -> list[LinearRecord]:
@@ -73,7 +74,7 @@ class GraphReport:
 
     def to_dict(self) -> dict:
         return {"graph": self.graph, "summary": self.summary(), "passes": self.passes,
-                "notes": self.notes, "linears": [asdict(r) for r in self.linears]}
+                "notes": self.notes, "hoisted": self.hoisted, "linears": [asdict(r) for r in self.linears]}
 
     def to_markdown(self) -> str:
         lines = [f"## Graph {self.graph}", "", self.summary() + ".", ""]
@@ -83,6 +84,10 @@ class GraphReport:
             lines.append(f"- {note}")
         if self.notes:
             lines.append("")
+        for h in self.hoisted:
+            lines += [f"Hoisted (weights and constants only, computed once per weight change): {h['nodes']} nodes, "
+                      f"{h['compute_ops']} of them compute ({h['linears']} linears), from {h['weights']} weights, into "
+                      f"{h['outputs']} values in {h['bytes']} bytes ({', '.join(h['buffers'])}).", ""]
         lines += ["| linear (calling module) | N×K | dtype | quantized | reason | group | op / kernel | weight SQNR dB | DuQuant |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in self.linears:

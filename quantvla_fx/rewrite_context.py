@@ -2,11 +2,15 @@
 
 Each stage fills its own typed slot; later stages read it and never write it:
   match_linears    -> ctx.sites    one LinearSite per selected linear
+  find_weight_only -> ctx.hoisted  nodes of weights and constants only, computed once
+                                   (hoist_weight_only; the selected linears among them are unselected)
   group_inputs     -> ctx.groups   one GroupSite per activation that linears read
   fold_duquant     -> ctx.duquant  DuQuantPlan: per transform group its OnlineTransform,
                                    per linear its LinearFold (weight side, row divisor, output rotation)
-  quantize_weights -> ctx.weights  per linear its PackedWeight (derived-input placeholders)
+  quantize_weights -> ctx.weights  per linear its PackedWeight (derived-input placeholders; a
+                                   group's linears share one stacked pack)
   substitute_ops   reads them all and rewrites the graph.
+  hoist_weight_only (last) computes ctx.hoisted once, as derived inputs, and removes it.
 Graph inputs, original and derived, are ctx.inputs (graph_inputs.py).
 """
 from __future__ import annotations
@@ -111,6 +115,11 @@ class PackedWeight:
 
     packed: fx.Node
     scale: Optional[fx.Node] = None
+    # A group's linears share one pack (one GEMM): this linear's output rows [start, stop) in it,
+    # the pack's stacked bias (None: no bias in the GEMM), and whether this linear's bias is in it.
+    rows: Optional[tuple[int, int]] = None
+    bias: Optional[fx.Node] = None
+    bias_in_pack: bool = False
 
 
 class RewriteContext:
@@ -125,6 +134,7 @@ class RewriteContext:
         self.groups: list[GroupSite] = []  # group_inputs
         self.duquant: Optional[DuQuantPlan] = None  # fold_duquant
         self.weights: dict[LinearSite, PackedWeight] = {}  # quantize_weights
+        self.hoisted: set[fx.Node] = set()  # find_weight_only: the nodes hoist_weight_only computes once
 
     @property
     def kept(self) -> list[LinearSite]:

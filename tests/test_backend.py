@@ -131,9 +131,12 @@ def test_dumps_show_analyses_as_tables_and_passes_as_graphs(tmp_path):
         fn = torch.compile(m, backend="quantvla", options=opts)
         fn(torch.randn(1, 8, 64))
     (graph,) = tmp_path.glob("graph_*")
+    from quantvla_fx.backend import ANALYSES, PASSES
+
     names = sorted(p.name for p in graph.iterdir())
-    assert names == ["00_dynamo.py", "01_match_linears.md", "02_group_inputs.md", "03_fold_duquant.py",
-                     "04_quantize_weights.py", "05_substitute_ops.py", "nodes.md"]
-    assert "| `layers.0.mlp.up_proj` | 128×64 | float32 | cpu | yes | included by '.*' |" in (graph / "01_match_linears.md").read_text()
-    assert "| `layers.0.mlp.{gate_proj,up_proj}` | `layers.0.mlp.gate_proj`, `layers.0.mlp.up_proj` |" in (graph / "02_group_inputs.md").read_text()
-    assert "quantvla.w4a8_linear" in (graph / "05_substitute_ops.py").read_text()
+    stages = ["dynamo.py"] + [f"{a.__name__}.md" for a in ANALYSES] + [f"{p.__name__}.py" for p in PASSES]
+    assert names == [f"{i:02d}_{s}" for i, s in enumerate(stages)] + ["nodes.md"]
+    dump = {n.split("_", 1)[1]: graph / n for n in names[:-1]}
+    assert "| `layers.0.mlp.up_proj` | 128×64 | float32 | cpu | yes | included by '.*' |" in dump["match_linears.md"].read_text()
+    assert "| `layers.0.mlp.{gate_proj,up_proj}` | `layers.0.mlp.gate_proj`, `layers.0.mlp.up_proj` |" in dump["group_inputs.md"].read_text()
+    assert "quantvla.w4a8_linear" in dump["substitute_ops.py"].read_text()

@@ -273,3 +273,31 @@ def test_packs_are_shared_by_graphs_after_offload():
     call(g, x)
     call(fn, x)
     assert (len(PACK_CACHE), PACK_CACHE.builds) == (entries, builds)
+
+
+def test_calls_and_edits_under_inference_mode():
+    m, x = model(), torch.randn(4, 64)
+    fn = compiled(m, float_weights="offload")
+    with torch.inference_mode():
+        before = fn(x)
+    _inplace_cpu_copy(m)  # the CPU copy was made outside inference mode: it has a version counter
+    with torch.inference_mode():
+        got, eager = fn(x), m(x)
+    assert all(fw.is_offloaded(w) for w in weights(m)) and not torch.equal(got, before)
+    resident = fw_restored(m)
+    assert torch.equal(got, keep_out(resident, x))
+    with torch.no_grad():
+        assert torch.equal(eager, resident(x))
+
+
+def test_parameters_made_under_inference_mode():
+    with torch.inference_mode():
+        m = model()
+    x = torch.randn(4, 64)
+    want = keep_out(fw_restored(m), x)
+    fn = compiled(m, float_weights="offload")
+    with torch.inference_mode():
+        assert torch.equal(fn(x), want)
+        assert all(fw.is_offloaded(w) for w in weights(m))
+        assert torch.equal(m(x), fw_restored(m)(x))
+        assert torch.equal(fn(x), want)
