@@ -2,7 +2,8 @@
 
     python examples/pi05_tiny.py [--golden tests/data/pi05_tiny] [--dump-dir dumps/pi05_tiny]
 
-Loads the golden tiny checkpoint, calibrates DuQuant on a few observations, compiles
+Loads the golden tiny checkpoint, calibrates on a few jittered observations (the sequential
+per-group search over RTN / smoothing / rotations / DuQuant with GPTQ int4 rounding), compiles
 ``sample_actions`` with ``backend="quantvla"`` (the MLPs of the PaliGemma LM and the action
 expert, int4 weights / int8 activations, reference kernels on the CPU), and prints the action
 SQNR against the float model, how many linears were quantized, and where the dumps are.
@@ -38,6 +39,7 @@ def main():
     ap.add_argument("--golden", default=os.environ.get("QUANTVLA_GOLDEN", str(DEFAULT_GOLDEN)))
     ap.add_argument("--dump-dir", default="dumps/pi05_tiny")
     ap.add_argument("--no-duquant", action="store_true", help="round-to-nearest instead of DuQuant")
+    ap.add_argument("--rounding", choices=("gptq", "rtn"), default="gptq", help="int4 rounding the search uses")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     golden = Path(args.golden)
@@ -51,16 +53,16 @@ def main():
     packs = None
     if not args.no_duquant:
         batches = [(jitter(obs, s),) for s in range(4)]
-        # The tiny widths (32, 64, 128) take block 32 rotations; full size uses 128.
+        # The tiny widths (32, 64, 128) take block 32 rotations too (full size: 64 and 128).
         packs = calibrate(policy, batches, cfg, run=lambda m, b: m.sample_actions(*b, noise=noise),
-                          block_size=32, alpha=0.5, weight_clip=0.9)
+                          block_size=32, search=True, weight_rounding=args.rounding)
     with torch.no_grad():
         ref = policy.sample_actions(obs, noise=noise)
         compiled = torch.compile(policy.sample_actions, backend="quantvla", options=cfg.replace(packs=packs).to_options())
         actions = compiled(obs, noise=noise)
     quantized = sum(len(g.quantized) for g in report_book(args.dump_dir).graphs)
     print(f"actions {tuple(actions.shape)}: SQNR vs float {float(compute_error(ref, actions)):.1f} dB "
-          f"({'DuQuant' if packs is not None else 'RTN'} W4A8)")
+          f"({'searched' if packs is not None else 'RTN'} W4A8)")
     print(f"quantized linears: {quantized}   report: {args.dump_dir}/report.md   dumps: {args.dump_dir}/graph_*/")
 
 

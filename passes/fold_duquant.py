@@ -98,8 +98,12 @@ def _plan_group(gm: fx.GraphModule, ctx: RewriteContext, tg: TransformGroup, pac
         notes.append(" → ".join(online) + f" online (block {t.block_size})")
     for s, p in zip(tg.members, packs):
         fold = ctx.duquant.linears[s]
-        fold.transform, fold.clip = t, p.weight_clip
+        fold.transform, fold.clip, fold.rounding = t, p.weight_clip, p.rounding
         s.record.duquant.extend(notes)
+        if p.search_note():
+            s.record.duquant.append(p.search_note())
+        if p.rounding is not None:
+            s.record.duquant.append(f"int4 values from the pack ({p.rounding.method}) while the weight is unchanged")
         if p.out_rot is not None:
             fold.out_rot = _output_rotation(ctx, s, p, t, device)
             s.record.duquant.append("output rotation restored online")

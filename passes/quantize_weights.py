@@ -34,7 +34,7 @@ def _recipe(ctx: RewriteContext, site: LinearSite) -> WeightRecipe:
     gs = ctx.config.group_size
     fold = ctx.duquant.linears[site]  # what fold_duquant decided for this linear
     out_rot = fold.out_rot.tensor if fold.out_rot is not None else None
-    recipe = WeightRecipe(gs, fold.clip, fold.transform, out_rot, fold.row_div)
+    recipe = WeightRecipe(gs, fold.clip, fold.transform, out_rot, fold.row_div, fold.rounding, site.record.fqn)
     return recipe
 
 

@@ -84,6 +84,7 @@ class LinearFold:
     clip: float = 1.0  # the pack's weight clip
     row_div: Optional[torch.Tensor] = None  # [N] divisor of the output rows (a later group's smoothing)
     out_rot: Optional[OutputRotation] = None
+    rounding: Any = None  # the pack's stored int4 values (duquant.packs.Rounding), used if still valid
 
 
 @dataclass(eq=False)

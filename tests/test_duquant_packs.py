@@ -92,7 +92,7 @@ def test_metadata_is_plain_json(saved):
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
-    assert meta["format"] == "quantvla_fx.duquant" and meta["format_version"] == "1"
+    assert meta["format"] == "quantvla_fx.duquant" and meta["format_version"] == "2"  # 2: GPTQ rounding + search record
     assert (meta["block_size"], meta["alpha"], meta["bits"], meta["source"]) == ("16", "0.6", "w4a8", "test")
     assert json.loads(meta["layers"])[GATE] == {"group": GU, "weight_clip": 0.8, "source": "quantvla_fx"}
     assert f"group.{GU}.rot1" in keys and f"layer.{O}.out_rot" in keys and f"group.{DOWN}.rot1" not in keys

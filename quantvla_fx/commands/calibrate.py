@@ -23,6 +23,13 @@ def add_calibrate(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="smoothing strength (0 disables smoothing; default 0.5)")
     p.add_argument("--block-size", type=int, default=128, help="rotation block size (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rotation bases (default 0)")
+    p.add_argument("--search", action="store_true",
+                   help="per input group, pick the best of a grid of recipes (RTN, smoothing, rotations, DuQuant x "
+                        "weight clip), scored sequentially on the group's W4A8 outputs; never worse than RTN on the "
+                        "calibration data (one pass over the data per group)")
+    p.add_argument("--weight-rounding", choices=("rtn", "gptq"), default="rtn",
+                   help="with --search: round int4 weights to nearest (default) or with GPTQ's error feedback "
+                        "(the int4 values are stored in the pack, valid for these weights only)")
     p.set_defaults(run=run)
 
 
@@ -45,6 +52,8 @@ def run(args) -> int:
     from ..duquant.calibrate import calibrate
     from ..models.pi05 import Observation, Pi05
 
+    if args.weight_rounding == "gptq" and not args.search:
+        raise UserError("--weight-rounding gptq needs --search (the search picks the rounding per group)")
     config = config_from(args)
     files = _data_files(args)
     with user_errors():
@@ -52,11 +61,15 @@ def run(args) -> int:
         batches = [(Observation.from_safetensors(f), load_file(str(f)).get("noise")) for f in files]
     with user_errors(), torch.no_grad():
         packs = calibrate(policy, batches, config, alpha=args.alpha or None, block_size=args.block_size,
-                          seed=args.seed, run=lambda m, b: m.sample_actions(b[0], noise=b[1]))
+                          seed=args.seed, run=lambda m, b: m.sample_actions(b[0], noise=b[1]),
+                          search=args.search, weight_rounding=args.weight_rounding)
         path = packs.save(args.out)
     for name, t in packs.groups.items():
         parts = [p for p, v in (("smooth", t.smooth), ("rot1", t.rot1), ("perm", t.perm), ("rot2", t.rot2)) if v is not None]
+        lp = packs[packs.members(name)[0]]
+        chosen = f"; search: {lp.search['chosen']} {lp.search['score_db']:.2f} dB vs RTN {lp.search['rtn_db']:.2f}" \
+            if lp.search else ""
         print(f"{name}: K={t.in_features}, block {t.block_size}, {' + '.join(parts) or 'identity'} "
-              f"({len(packs.members(name))} linear(s))")
+              f"({len(packs.members(name))} linear(s)){chosen}")
     print(f"\n{len(packs)} linears in {len(packs.groups)} groups from {len(batches)} batch(es) -> {path}")
     return 0

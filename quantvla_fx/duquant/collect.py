@@ -83,6 +83,7 @@ class InputCollector:
     stats: dict[str, InputStats] = field(default_factory=dict)
     _parent: dict[str, str] = field(default_factory=dict)
     _seen: dict[int, tuple] = field(default_factory=dict)
+    _first_call: dict[str, int] = field(default_factory=dict)  # fqn -> rank of its first call
     _handles: list = field(default_factory=list)
 
     def __enter__(self) -> "InputCollector":
@@ -112,6 +113,7 @@ class InputCollector:
             if not isinstance(x, Tensor):
                 return None
             self._parent.setdefault(fqn, fqn)
+            self._first_call.setdefault(fqn, len(self._first_call))
             entry = self._seen.get(id(x))
             if entry is not None and entry[0]() is x:
                 self._union(entry[1], fqn)
@@ -144,6 +146,10 @@ class InputCollector:
             if fqn in self._parent:
                 out.setdefault(self._find(fqn), []).append(fqn)
         return list(out.values())
+
+    def groups_in_call_order(self) -> list[list[str]]:
+        """groups(), ordered by the first call of any member (the order a forward runs them)."""
+        return sorted(self.groups(), key=lambda m: min(self._first_call[f] for f in m))
 
     def group_stats(self, members: list[str]) -> tuple[Tensor, Tensor, int]:
         """(act_max [K] on CPU, sampled rows [n, K] on CPU, tokens seen) merged over the members."""

@@ -1,11 +1,15 @@
 """DuQuant packs: per-layer transforms keyed by linear FQN, and our single-file safetensors format.
 
 File layout (one ``.safetensors`` file, no pickle anywhere):
-* tensors ``group.<group>.{smooth,rot1,perm,rot2}`` (each present only if not None) and
-  ``layer.<fqn>.{out_rot,weight_scale}``;
+* tensors ``group.<group>.{smooth,rot1,perm,rot2}`` (each present only if not None),
+  ``layer.<fqn>.{out_rot,weight_scale}`` and (version 2) ``layer.<fqn>.{int4,int4_scale}``: GPTQ's
+  int4 values (canonical packing, quant/int4_pack.py) and scales;
 * metadata (str -> str): ``format`` = "quantvla_fx.duquant", ``format_version``, ``meta`` (JSON:
   block size, alpha, bits, source, ...; the first four also as plain keys), ``groups`` (JSON:
-  group -> in_features, block_size) and ``layers`` (JSON: fqn -> group, weight_clip, source).
+  group -> in_features, block_size and (v2) ``search``: the chosen recipe and every candidate's
+  score) and ``layers`` (JSON: fqn -> group, weight_clip, source and (v2) ``rounding``: method,
+  group size and the digest of the float weight the int4 values were computed from).
+Version 1 files (no rounding, no search record) still load.
 Layers of one group share one ``DuQuantTransform`` object, in memory and after a load.
 ``load.py`` picks the reader for a path (this format or QuantVLA's ``.npz``).
 """
@@ -20,18 +24,66 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from ..quant.int4_pack import pack_int4
 from .errors import PackError
-from .transform import DuQuantTransform, check_rotation
+from .transform import DuQuantTransform, check_rotation, tensor_fingerprint
 
 FORMAT = "quantvla_fx.duquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: GPTQ rounding and the search record
 PACK_FILENAME = "duquant_packs.safetensors"
 GROUP_FIELDS = ("smooth", "rot1", "perm", "rot2")
 LAYER_FIELDS = ("out_rot", "weight_scale")
+ROUNDING_FIELDS = ("int4", "int4_scale")
 NPZ_SOURCE = "quantvla_npz:"
 ALL_LAYERS = "(all layers)"
 
 __all__ = ["PackError", "LayerPack", "Packs", "FORMAT", "FORMAT_VERSION", "PACK_FILENAME"]
+
+
+def weight_digest(w: Tensor) -> str:
+    """What a stored rounding is valid for: sha1 of the float weight's dtype, shape and bytes."""
+    return tensor_fingerprint(w)
+
+
+@dataclass(frozen=True, eq=False)
+class Rounding:
+    """Stored int4 values of one linear (GPTQ's), valid only for the float weight they came from.
+
+    They cannot be recomputed from the weight alone (they depend on the calibration inputs), so the
+    weight recipe uses them only while the live weight's digest equals ``weight_digest`` and the
+    compile's group size equals ``group_size``; otherwise it rounds to nearest, with a warning.
+    """
+
+    packed: Tensor  # int8 [N, K/2], the canonical int4 packing
+    scale: Tensor  # fp32 [N] (per channel) or [N, K/group_size]
+    group_size: int
+    weight_digest: str
+    method: str = "gptq"
+
+    @staticmethod
+    def of(q: Tensor, scale: Tensor, group_size: int, weight: Tensor, method: str = "gptq") -> "Rounding":
+        return Rounding(pack_int4(q.cpu()).contiguous(), scale.detach().cpu().float().contiguous(), int(group_size),
+                        weight_digest(weight), method)
+
+    def meta(self) -> dict:
+        return {"method": self.method, "group_size": self.group_size, "weight_digest": self.weight_digest}
+
+    def fingerprint(self) -> str:
+        return f"{self.meta()}|{tensor_fingerprint(self.packed)}|{tensor_fingerprint(self.scale)}"
+
+    def validate(self, fail) -> None:
+        p, s = self.packed, self.scale
+        if p.dim() != 2 or p.dtype != torch.int8:
+            fail("int4", f"expected int8 [N, K/2], got {tuple(p.shape)} {p.dtype}")
+        n, k = p.shape[0], 2 * p.shape[1]
+        g = k if self.group_size == -1 else self.group_size
+        if g <= 0 or k % g:
+            fail("rounding", f"group_size {self.group_size} does not divide K={k}")
+        want = (n,) if g == k else (n, k // g)
+        if tuple(s.shape) != want or not s.dtype.is_floating_point:
+            fail("int4_scale", f"expected float {want} for group_size {self.group_size}, got {tuple(s.shape)} {s.dtype}")
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            fail("int4_scale", "must be finite and > 0")
 
 
 @dataclass(eq=False)
@@ -45,6 +97,17 @@ class LayerPack:
     out_rot: Optional[Tensor] = None  # QuantVLA R_out [nbo, Bo, Bo]: W_t = R_out W', y = y_t @ R_out
     weight_scale: Optional[Tensor] = None  # scales stored in the pack (QuantVLA), for validation only
     source: str = "quantvla_fx"
+    rounding: Optional[Rounding] = None  # stored int4 values (GPTQ) instead of round-to-nearest
+    search: Optional[dict] = None  # the group's search record: chosen recipe, every candidate's score
+
+    def search_note(self) -> Optional[str]:
+        """One line for the rewrite report: what the search chose, and every candidate's score."""
+        r = self.search
+        if not r:
+            return None
+        cands = ", ".join(f"{k} {v:.2f}" for k, v in r.get("candidates", {}).items())
+        return (f"search chose {r['chosen']}: {r['score_db']:.2f} dB vs RTN {r['rtn_db']:.2f} dB on calibration "
+                f"rows (candidates, dB: {cands})")
 
     @property
     def file(self) -> Optional[str]:
@@ -73,6 +136,12 @@ class LayerPack:
             if n is not None and (n % r.shape[1] or r.shape[0] not in (1, nbo)):
                 fail("out_rot", f"shape {tuple(r.shape)} does not tile out_features={n}")
             check_rotation(r, r.shape[1], nbo, "out_rot", f"{file}: layer {self.fqn}")
+        if self.rounding is not None:
+            self.rounding.validate(fail)
+            if self.rounding.packed.shape[1] * 2 != self.transform.in_features:
+                fail("int4", f"K={self.rounding.packed.shape[1] * 2} != in_features {self.transform.in_features}")
+            if self.out_rot is not None:
+                fail("rounding", "stored int4 values with an output rotation are not supported")
 
 
 class Packs(Mapping[str, LayerPack]):
@@ -127,6 +196,8 @@ class Packs(Mapping[str, LayerPack]):
         for fqn in sorted(self._layers):
             lp = self._layers[fqn]
             h.update(f"{fqn}|{lp.group}|{float(lp.weight_clip)!r}|{lp.transform.fingerprint()};".encode())
+            if lp.rounding is not None:
+                h.update(f"rounding:{lp.rounding.fingerprint()};".encode())
             for name in LAYER_FIELDS:
                 t = getattr(lp, name)
                 h.update(f"{name}:none;".encode() if t is None else
@@ -189,12 +260,19 @@ class Packs(Mapping[str, LayerPack]):
         groups_meta: dict[str, dict] = {}
         for name, t in self._groups.items():
             groups_meta[name] = {"in_features": t.in_features, "block_size": t.block_size}
+            record = self._layers[self.members(name)[0]].search
+            if record:
+                groups_meta[name]["search"] = record
             for field, v in t.tensors().items():
                 if v is not None:
                     tensors[f"group.{name}.{field}"] = v.detach().cpu().contiguous().clone()
         layers_meta = {}
         for fqn, lp in self._layers.items():
             layers_meta[fqn] = {"group": lp.group, "weight_clip": float(lp.weight_clip), "source": lp.source}
+            if lp.rounding is not None:
+                layers_meta[fqn]["rounding"] = lp.rounding.meta()
+                tensors[f"layer.{fqn}.int4"] = lp.rounding.packed.contiguous().clone()
+                tensors[f"layer.{fqn}.int4_scale"] = lp.rounding.scale.contiguous().clone()
             for field in LAYER_FIELDS:
                 v = getattr(lp, field)
                 if v is not None:
@@ -260,7 +338,8 @@ class Packs(Mapping[str, LayerPack]):
             owner, _, field = rest.rpartition(".")
             if kind == "group" and owner in group_tensors and field in GROUP_FIELDS:
                 group_tensors[owner][field] = t
-            elif kind == "layer" and owner in layer_tensors and field in LAYER_FIELDS:
+            elif kind == "layer" and owner in layer_tensors and (field in LAYER_FIELDS or
+                                                                 (version >= 2 and field in ROUNDING_FIELDS)):
                 layer_tensors[owner][field] = t
             else:
                 fail(key, "unknown tensor (not a known group/layer field)", owner or ALL_LAYERS)
@@ -284,9 +363,13 @@ class Packs(Mapping[str, LayerPack]):
             clip = lm.get("weight_clip", 1.0)
             if not isinstance(clip, (int, float)):
                 fail("weight_clip", f"not a number: {clip!r}", fqn)
+            lt = layer_tensors[fqn]
+            rounding = _read_rounding(lm.get("rounding"), lt.pop("int4", None), lt.pop("int4_scale", None),
+                                      lambda field, problem, fqn=fqn: fail(field, problem, fqn))
+            search = groups_meta[lm["group"]].get("search") if isinstance(groups_meta[lm["group"]], dict) else None
             layers.append(LayerPack(fqn=fqn, transform=transforms[lm["group"]], group=lm["group"],
                                     weight_clip=float(clip), source=str(lm.get("source", "quantvla_fx")),
-                                    **layer_tensors[fqn]))
+                                    rounding=rounding, search=search, **lt))
         orphans = [g for g in transforms if not any(lp.group == g for lp in layers)]
         if orphans:
             fail("groups", f"group {orphans[0]!r} has no layers")
@@ -294,3 +377,14 @@ class Packs(Mapping[str, LayerPack]):
         packs.validate()
         return packs
 
+
+
+def _read_rounding(meta, packed: Optional[Tensor], scale: Optional[Tensor], fail) -> Optional[Rounding]:
+    if meta is None and packed is None and scale is None:
+        return None
+    if not isinstance(meta, dict) or packed is None or scale is None:
+        fail("rounding", "needs the rounding metadata and both tensors int4 and int4_scale")
+    try:
+        return Rounding(packed, scale, int(meta["group_size"]), str(meta["weight_digest"]), str(meta.get("method", "gptq")))
+    except (KeyError, TypeError, ValueError) as e:
+        fail("rounding", f"bad rounding metadata {meta!r}: {e!r}")
