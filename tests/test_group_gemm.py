@@ -123,3 +123,60 @@ def test_editing_one_member_repacks_the_group():
     x_q, x_s = quantize_per_token(x)
     assert torch.equal(after[1], 2 * torch.ops.quantvla.w4a8_linear(x_q, x_s, pw.packed, pw.scale, None, torch.float32))
     assert not torch.equal(after[1], before[1])
+
+
+class GateUp(nn.Module):
+    def __init__(self, k=64, n=64):
+        super().__init__()
+        self.gate_proj = nn.Linear(k, n, bias=True)
+        self.up_proj = nn.Linear(k, n, bias=False)
+
+    def forward(self, x):
+        return F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
+
+
+def _orthogonal(nb, b, g):
+    return torch.linalg.qr(torch.randn(nb, b, b, generator=g, dtype=torch.float64))[0].float()
+
+
+def _shared_transform_packs(k=64, n=64):
+    """DuQuant-style packs: gate and up share one input transform; gate also has an output rotation."""
+    from quantvla_fx.duquant.packs import LayerPack, Packs
+    from quantvla_fx.duquant.transform import DuQuantTransform
+
+    g = torch.Generator().manual_seed(1)
+    t = DuQuantTransform(in_features=k, block_size=32, smooth=torch.rand(k, generator=g) + 0.5,
+                         rot1=_orthogonal(k // 32, 32, g), perm=torch.randperm(k, generator=g))
+    return Packs([LayerPack("gate_proj", t, "{gate_proj,up_proj}", out_rot=_orthogonal(n // 16, 16, g)),
+                  LayerPack("up_proj", t, "{gate_proj,up_proj}")])
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_duquant_group_is_one_op_and_the_output_rotation_is_restored_on_its_rows(quantize):
+    torch.manual_seed(0)
+    model = GateUp().eval()
+    x = torch.randn(2, 5, 64)
+    opts = QuantVLAConfig(include=[".*"], exclude=[], packs=_shared_transform_packs(), quantize=quantize).to_options()
+    got, gm = _capture(opts, model, x)
+    with torch.no_grad():
+        ref = model(x)
+    targets = W4A8_OPS if quantize else (F.linear, torch._C._nn.linear)
+    assert len(_ops(gm, targets)) == 1
+    records = {r.fqn: r for r in report_book(None).graphs[-1].linears}
+    assert "output rotation restored online" in records["gate_proj"].duquant
+    if quantize:  # integer-exact against each linear quantized on its own: transform, quantize, GEMM, restore
+        from quantvla_fx.duquant.transform import restore_output
+        from quantvla_fx.weight_recipe import WeightRecipe
+
+        packs = _shared_transform_packs()
+        t, rot = packs["gate_proj"].transform, packs["gate_proj"].out_rot
+        x_q, x_s = quantize_per_token(t.transform_activation(x))
+        with torch.no_grad():
+            pg, sg = WeightRecipe(-1, 1.0, t, rot)(model.gate_proj.weight)
+            pu, su = WeightRecipe(-1, 1.0, t)(model.up_proj.weight)
+            gate = restore_output(torch.ops.quantvla.w4a8_linear(x_q, x_s, pg, sg, None, torch.float32), rot)
+            up = torch.ops.quantvla.w4a8_linear(x_q, x_s, pu, su, None, torch.float32)
+            want = F.gelu(gate + model.gate_proj.bias, approximate="tanh") * up
+        assert torch.equal(got, want)
+    else:  # the transforms and the restore are exact algebra
+        assert float((got - ref).abs().max()) <= 1e-5
