@@ -3,8 +3,8 @@
     python benchmarks/bench_duquant_cpu.py [--tokens 256] [--dim 1024]
 
 A Gemma-style toy (outlier channels injected) with its MLPs quantized W4A8, compiled with
-backend="quantvla" three ways: round-to-nearest, DuQuant with smoothing folded (rotations online),
-and DuQuant with nothing folded.  Prints, side by side from one run: output SQNR vs float, the
+backend="quantvla" four ways: round-to-nearest, DuQuant with smoothing folded (rotations online),
+DuQuant with nothing folded, and the calibration search's per-group recipes (``--rounding``).  Prints, side by side from one run: output SQNR vs float, the
 number of generated C++ kernels and extern calls (from Inductor's code), and the median latency.
 """
 import argparse
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--rounding", choices=("rtn", "gptq"), default="gptq", help="int4 rounding of the search")
     args = ap.parse_args()
     torch.manual_seed(0)
     d = args.dim
@@ -43,12 +44,17 @@ def main():
     cfg = QuantVLAConfig(include=(r"mlp\.",))
     batches = [torch.randn(1, args.tokens, d) for _ in range(4)]
     packs = calibrate(model, batches, cfg, block_size=args.block, alpha=0.5, weight_clip=0.9)
+    t0 = time.perf_counter()
+    searched = calibrate(model, batches, cfg, block_size=args.block, search=True, weight_rounding=args.rounding)
+    search_s = time.perf_counter() - t0
     x = torch.randn(1, args.tokens, d)
     with torch.no_grad():
         ref = model(x)
     variants = {"float (Inductor)": None, "RTN W4A8": cfg, "DuQuant W4A8, folded": cfg.replace(packs=packs),
-                "DuQuant W4A8, unfolded": cfg.replace(packs=packs, duquant_fold=False)}
-    print(f"toy Gemma d={d} ffn={4 * d} 2 layers, {args.tokens} tokens, block {args.block}, {torch.get_num_threads()} threads")
+                "DuQuant W4A8, unfolded": cfg.replace(packs=packs, duquant_fold=False),
+                f"search W4A8 ({args.rounding})": cfg.replace(packs=searched)}
+    print(f"toy Gemma d={d} ffn={4 * d} 2 layers, {args.tokens} tokens, block {args.block}, {torch.get_num_threads()} threads; "
+          f"search calibration {search_s:.1f} s")
     print(f"{'variant':26} {'SQNR dB':>8} {'cpp kernels':>12} {'extern bmm/mm':>14} {'w4a8 ops':>9} {'ms':>8}")
     for name, c in variants.items():
         torch._dynamo.reset()

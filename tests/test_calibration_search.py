@@ -72,6 +72,12 @@ def small_gptq():
     return m, calibrate(m, batches(3, (2, 16, 64), 1), CFG, weight_rounding="gptq", **SMALL_KW)
 
 
+SLOW = pytest.mark.skipif(not __import__("os").environ.get("QUANTVLA_SLOW"),
+                          reason="tens of seconds to minutes on 2 CPU cores; set QUANTVLA_SLOW=1")
+
+
+@pytest.mark.slow
+@SLOW
 def test_toy_search_beats_rtn_by_3db_through_the_backend():
     # The bar: d=256, ffn=1024, 2 layers, 4 norm channels x60, 8 batches of 2x32 tokens,
     # evaluated on other inputs. Default grid; RTN rounding (the search alone).
@@ -214,8 +220,7 @@ def test_bad_arguments_name_the_problem():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not __import__("os").environ.get("QUANTVLA_SLOW"),
-                    reason="minutes on 2 CPU cores (9 passes of sample_actions); set QUANTVLA_SLOW=1")
+@SLOW
 def test_golden_tiny_pi05_search_with_gptq_beats_rtn_by_3db():
     # The bar: calibration on jittered observations, evaluated on another jitter.
     import dataclasses
