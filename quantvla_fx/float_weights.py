@@ -139,6 +139,8 @@ def free(tensors: Sequence[torch.Tensor], names: Sequence[str], modes: Sequence[
                 _hook(module)
         if mode == "offload":
             _copy_out(t, r)  # the values now (also after a re-pack from new ones)
+        if not t.untyped_storage().resizable():  # e.g. loaded from a mapped file: give it a storage of its own
+            t.data = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
         t.untyped_storage().resize_(0)
         PACK_CACHE.rekey(t, old, tensor_key(t))  # the packs built from it stay valid
         n += 1

@@ -301,3 +301,41 @@ def test_parameters_made_under_inference_mode():
         assert all(fw.is_offloaded(w) for w in weights(m))
         assert torch.equal(m(x), fw_restored(m)(x))
         assert torch.equal(fn(x), want)
+
+
+def test_a_weight_in_a_storage_that_cannot_resize_is_freed_too():
+    m, x = model(), torch.randn(4, 64)
+    with torch.no_grad():  # as a loader that maps a file gives it (torch.frombuffer: not resizable)
+        w = m[0].weight.detach().numpy().tobytes()
+        m[0].weight = torch.nn.Parameter(torch.frombuffer(bytearray(w), dtype=torch.float32).view(64, 64))
+    assert not m[0].weight.untyped_storage().resizable()
+    want = keep_out(m, x)
+    fn = compiled(m, float_weights="offload")
+    assert torch.equal(call(fn, x), want)
+    assert fw.is_offloaded(m[0].weight) and torch.equal(call(fn, x), want)
+    with torch.no_grad():
+        assert torch.equal(m(x), fw_restored(m)(x))
+
+
+def test_pi05_with_duquant_folds_frees_folded_norm_weights_too(golden_pi05_calibrated):
+    """Every source of every derived input goes, not only linear weights: the Gemma norm weights the
+    DuQuant smoothing folds into are read only through derived inputs."""
+    from quantvla_fx.backend import report_book
+
+    policy, obs, noise, packs = golden_pi05_calibrated
+
+    torch._dynamo.reset()
+    cfg = QuantVLAConfig.pi05_mlp(packs=packs, lowering="eager", float_weights="offload")
+    fn = torch.compile(policy.sample_actions, backend="quantvla", options=cfg.to_options())
+    with torch.no_grad():
+        ref = policy.sample_actions(obs, noise=noise)
+        try:
+            first = fn(obs, noise=noise)  # packed from the resident weights, which are freed after it
+            freed = [n for n, p in policy.named_parameters() if fw.is_offloaded(p)]
+            again, eager = fn(obs, noise=noise), policy.sample_actions(obs, noise=noise)
+        finally:
+            fw.restore(policy, keep=False)  # the fixture is shared with other tests of this module
+    assert torch.equal(again, first) and torch.equal(eager, ref)
+    assert any(n.endswith("post_attention_layernorm.weight") for n in freed)
+    quantized = {r.param_fqn.replace("._parameters.", ".") for r in report_book(None).graphs[-1].quantized}
+    assert len(quantized) == 12 and quantized <= set(freed)  # every quantized linear's weight (2+2 layers × 3)
