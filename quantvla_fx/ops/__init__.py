@@ -1,4 +1,5 @@
-"""``torch.library`` custom ops: the only place where quantized GEMMs enter a graph."""
+"""``torch.library`` custom ops: the only place where quantized GEMMs and attention kernels enter a graph."""
+from .attention import attention
 from .w4a8 import w4a8_linear, w4a8_mm
 
-__all__ = ["w4a8_linear", "w4a8_mm"]
+__all__ = ["attention", "w4a8_linear", "w4a8_mm"]
