@@ -20,6 +20,7 @@ from quantvla_fx.passes.group_inputs import group_inputs
 from quantvla_fx.passes.hoist_weight_only import find_weight_only, hoist_weight_only
 from quantvla_fx.passes.match_linears import match_linears
 from quantvla_fx.passes.quantize_weights import quantize_weights
+from quantvla_fx.passes.substitute_attention import substitute_attention
 from quantvla_fx.passes.substitute_ops import substitute_ops
 
 from . import float_weights
@@ -37,7 +38,7 @@ log = logging.getLogger("quantvla_fx")
 # find_weight_only takes linears that hoist_weight_only will compute once out of quantization;
 # the hoist runs last, so the passes before it see the weight-only subgraphs as written.
 ANALYSES = (match_linears, find_weight_only, group_inputs)
-PASSES = (fold_duquant, quantize_weights, substitute_ops, hoist_weight_only)
+PASSES = (fold_duquant, quantize_weights, substitute_ops, substitute_attention, hoist_weight_only)
 
 _graph_ids = itertools.count()
 _books: dict[Optional[str], ReportBook] = {}

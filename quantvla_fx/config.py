@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 
 from .config_checks import (ConfigError, check_bool, check_float_weights, check_inductor_options, check_int,
                             check_int_tuple, check_optional_path, check_packs)
+from .attention_support import ATTENTION_CHOICES
 from .kernel_support import KERNELS
 
 log = logging.getLogger("quantvla_fx")
@@ -82,6 +83,9 @@ class QuantVLAConfig:
             re-packing; the module still runs eagerly), ``drop`` (freed; the layer runs only
             compiled), ``keep`` (stays on its device) or ``auto`` (default: ``offload`` for weights
             on a GPU, ``keep`` on the CPU and with ``verify_weights`` or ``quantize=False``).
+        attention: ``auto`` (rewrite provable key-padding SDPA calls into ``quantvla::attention``,
+            kernel chosen per call), ``reference`` / ``splitkv`` / ``flash`` (force a kernel), or
+            ``sdpa`` (leave every SDPA call as it is). Independent of ``quantize``.
     """
 
     include: tuple[str, ...] = PI05_MLP_INCLUDE
@@ -103,6 +107,7 @@ class QuantVLAConfig:
     inductor_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     cudagraphs: bool = False
     float_weights: str = "auto"
+    attention: str = "auto"
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
     _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
 
@@ -134,6 +139,8 @@ class QuantVLAConfig:
         if self.epilogue == "int32" and self.group_size > 0:
             raise ConfigError(f"epilogue='int32' with group_size={self.group_size}: one int32 accumulator per output "
                               "cannot take per-group weight scales; use epilogue='fused' (or 'auto') or group_size=-1")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"attention={self.attention!r}: choose one of {ATTENTION_CHOICES}")
         if self.lowering not in LOWERINGS:
             raise ConfigError(f"lowering={self.lowering!r}: choose one of {LOWERINGS}")
 

@@ -38,12 +38,28 @@ class LinearRecord:
 
 
 @dataclass
+class AttentionRecord:
+    """One scaled_dot_product_attention call: rewritten into quantvla::attention, or why not."""
+
+    graph: int
+    node: str
+    fqn: Optional[str]  # the calling module
+    layout: str = ""  # mha / enable_gqa / expanded / folded (see passes/attention_layout.py)
+    shape: str = ""  # B, Hq/Hkv, Lq x Lk, D
+    mask: str = ""  # none / key padding / key + query padding
+    rewritten: bool = False
+    reason: str = ""
+    kernel: Optional[str] = None
+
+
+@dataclass
 class GraphReport:
     graph: int
     linears: list[LinearRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     passes: list[str] = field(default_factory=list)
     hoisted: list[dict] = field(default_factory=list)  # passes/hoist_weight_only.py: what it computes once
+    attention: list[AttentionRecord] = field(default_factory=list)  # passes/substitute_attention.py
 
     @property
     def quantized(self) -> list[LinearRecord]:
@@ -74,7 +90,8 @@ class GraphReport:
 
     def to_dict(self) -> dict:
         return {"graph": self.graph, "summary": self.summary(), "passes": self.passes,
-                "notes": self.notes, "hoisted": self.hoisted, "linears": [asdict(r) for r in self.linears]}
+                "notes": self.notes, "hoisted": self.hoisted, "linears": [asdict(r) for r in self.linears],
+                "attention": [asdict(r) for r in self.attention]}
 
     def to_markdown(self) -> str:
         lines = [f"## Graph {self.graph}", "", self.summary() + ".", ""]
@@ -98,6 +115,11 @@ class GraphReport:
                 f"{'yes' if r.quantized else 'no'} | {r.reason} | {r.group or ''} | {opk} | "
                 f"{'' if r.sqnr_db is None else r.sqnr_db} | {'; '.join(r.duquant)} |"
             )
+        if self.attention:
+            lines += ["", "| attention (calling module) | layout | B, Hq/Hkv, Lq×Lk, D | mask | rewritten | kernel / reason |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| `{a.fqn}` ({a.node}) | {a.layout} | {a.shape} | {a.mask} | {'yes' if a.rewritten else 'no'} | "
+                      f"{a.kernel if a.rewritten else a.reason} |" for a in self.attention]
         return "\n".join(lines) + "\n"
 
 
