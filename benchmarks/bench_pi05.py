@@ -131,9 +131,11 @@ def resident_weight_bytes(model) -> int:
     return total
 
 
-def release() -> None:
-    """Forget compiled graphs, CUDA-graph pools and packs between variants (fair memory figures)."""
+def release(model) -> None:
+    """Forget compiled graphs, CUDA-graph pools and packs between variants (fair memory figures);
+    float weights a quantvla variant offloaded come back for the next variant."""
     import quantvla_fx
+    from quantvla_fx import float_weights
 
     torch._dynamo.reset()
     try:
@@ -143,6 +145,7 @@ def release() -> None:
     except ImportError:
         pass
     quantvla_fx.refresh()
+    float_weights.restore(model, keep=False)
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -161,16 +164,18 @@ def phase_cold(args) -> None:
 def measure_variant(variant, model, obs, noise, ref, args) -> dict:
     from torchao.quantization.utils import compute_error
 
+    had_cache = os.path.isdir(os.path.join(args.cache, variant)) and bool(os.listdir(os.path.join(args.cache, variant)))
     _use_cache(args.cache, variant, empty=False)
     fn = compile_variant(variant, model, args)
-    warm, out = first_call_s(fn, obs, noise)
+    first, out = first_call_s(fn, obs, noise)
     for _ in range(3):  # CUDA-graph warm-up and recording
         call(fn, obs, noise)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     call(fn, obs, noise)
     torch.cuda.synchronize()
-    res = {"compile_warm_s": round(warm, 2), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+    # Without a cache from a cold run this first compile is itself cold (in a warm process).
+    res = {"compile_warm_s": round(first, 2) if had_cache else None, "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
            "resident_weight_bytes": resident_weight_bytes(model)}
     gpu_ms, wall_ms = gpu_and_wall_ms(lambda: call(fn, obs, noise), args.reps)
     res.update(latency_ms=round(gpu_ms, 3), user_path_ms=round(wall_ms, 3))
@@ -179,15 +184,15 @@ def measure_variant(variant, model, obs, noise, ref, args) -> dict:
     res.update(profile_call(lambda: call(fn, obs, noise)))
     res["sqnr_db_vs_eager_bf16"] = round(float(compute_error(ref.float(), out.float())), 2)
     cold = os.path.join(args.cache, f"cold_{variant}_h{args.horizon}.json")
-    res["compile_cold_s"] = None
-    if os.path.exists(cold):
+    res["compile_cold_s"] = None if had_cache else round(first, 1)
+    if had_cache and os.path.exists(cold):
         with open(cold) as f:
             res["compile_cold_s"] = round(json.load(f)["compile_cold_s"], 1)
     if variant != "inductor_bf16":
         res["config"] = {k: v for k, v in quant_config(variant, args).to_options().items()
                          if k in ("include", "kernel", "quantize", "cudagraphs")}
     fn = None  # drop the compiled graphs before the next variant
-    release()
+    release(model)
     return res
 
 
