@@ -258,10 +258,11 @@ def refresh(obj=None) -> int:
         n = len(PACK_CACHE)
         PACK_CACHE.clear()
         return n
-    return PACK_CACHE.forget(list(_tensors_of(obj)))
+    return PACK_CACHE.forget(list(tensors_of(obj)))
 
 
-def _tensors_of(obj):
+def tensors_of(obj, who: str = "quantvla_fx.refresh"):
+    """The tensors of a module, compiled module, bound method of a module, tensor, or a sequence of those."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, torch.nn.Module):
@@ -269,10 +270,10 @@ def _tensors_of(obj):
         yield from module.parameters()
         yield from module.buffers()
     elif isinstance(getattr(obj, "__self__", None), torch.nn.Module):
-        yield from _tensors_of(obj.__self__)
+        yield from tensors_of(obj.__self__, who)
     elif isinstance(obj, (list, tuple)):
         for o in obj:
-            yield from _tensors_of(o)
+            yield from tensors_of(o, who)
     else:
-        raise TypeError(f"quantvla_fx.refresh: expected a module, a compiled module, a bound method of a module, "
+        raise TypeError(f"{who}: expected a module, a compiled module, a bound method of a module, "
                         f"a tensor or a sequence of those; got {type(obj).__name__}")

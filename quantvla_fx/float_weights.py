@@ -29,7 +29,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .derived_inputs import PACK_CACHE, tensor_key
+from .derived_inputs import PACK_CACHE, tensor_key, tensors_of
 from .graph_utils import param_fqn
 from .offloaded import REGISTRY, Freed, is_freed, record_of
 
@@ -157,7 +157,7 @@ def restore(obj, keep: bool = True) -> int:
     ``keep``: never free them again (False: a compiled graph that offloads them frees them again at
     its next call; between compiles, e.g. after ``torch._dynamo.reset()``, they stay). A dropped
     weight cannot come back: an error names it. Returns how many weights came back."""
-    tensors = [t for t in _tensors(obj) if record_of(t) is not None]
+    tensors = [t for t in tensors_of(obj, "quantvla_fx.float_weights") if record_of(t) is not None]
     dropped = [record_of(t).name for t in tensors if record_of(t).cpu is None and is_freed(t)]
     if dropped:
         raise RuntimeError(f"quantvla: cannot restore {', '.join(dropped[:4])}{' ...' if len(dropped) > 4 else ''}: "
@@ -190,7 +190,7 @@ def resident_bytes(model, device: Optional[str] = None) -> dict:
     ``derived`` (quantvla's packs and other derived inputs computed from them), ``total`` (the two),
     and ``offloaded`` (the CPU copies). ``device``: count only tensors on that device type
     (e.g. ``"cuda"``); None counts every device."""
-    tensors = list(_tensors(model))
+    tensors = list(tensors_of(model, "quantvla_fx.float_weights"))
 
     def on(t):
         return device is None or t.device.type == torch.device(device).type
@@ -292,23 +292,6 @@ def _give_back(t: torch.Tensor, r: Freed) -> None:
 def _forget(tid: int, r: Freed) -> None:
     if REGISTRY.get(tid) is r:
         del REGISTRY[tid]
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, torch.nn.Module):
-        module = getattr(obj, "_orig_mod", obj)
-        yield from module.parameters()
-        yield from module.buffers()
-    elif isinstance(getattr(obj, "__self__", None), torch.nn.Module):
-        yield from _tensors(obj.__self__)
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    else:
-        raise TypeError(f"quantvla: expected a module, a compiled module, a bound method of a module, a tensor "
-                        f"or a sequence of those; got {type(obj).__name__}")
 
 
 def _owners(tensors: Sequence[torch.Tensor]) -> dict[int, list]:
