@@ -88,7 +88,10 @@ def first_call_s(fn, obs, noise) -> tuple[float, torch.Tensor]:
     t0 = time.perf_counter()
     out = call(fn, obs, noise).clone()
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
+    took = time.perf_counter() - t0
+    # Where the compile went (Dynamo, AOTAutograd, Inductor, our backend), for the log.
+    print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
+    return took, out
 
 
 def gpu_and_wall_ms(fn, reps: int) -> tuple[float, float]:
@@ -244,6 +247,10 @@ def main():
     ap.add_argument("--cache", default=".cache/bench_pi05", help="per-variant Inductor/Triton caches (git-ignored)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("quantvla_fx").setLevel(logging.INFO)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     os.makedirs(args.cache, exist_ok=True)
     if args.phase == "cold":

@@ -2,6 +2,9 @@
 # One call on a GPU machine: install this checkout, run the GPU tests, run the per-op benchmark.
 #   bash benchmarks/gpu_run.sh [tests|ops|all|e2e]  (results and logs go to $OUT, else ./out)
 #   e2e: benchmarks/bench_pi05.py with $E2E_ARGS (e.g. "--phase cold --variant quantvla_w4a8").
+#   attention: benchmarks/bench_attention.py --sweep.
+# Kernel choices and tuned tiles persist between calls in .cache/quantvla (git-ignored) and are
+# copied to $OUT/quantvla_cache at the end (the source of configs/tuned/<gpu>.json).
 # Expects, beside the checkout (both git-ignored): .whl/ with the torchao and setuptools wheels the
 # image lacks, and optionally .carry/ from ../shared/device/prepare_bitblas_carry.sh for BitBLAS.
 set -euo pipefail
@@ -15,16 +18,22 @@ if [ -f .carry/env.sh ]; then
   # Our BitBLAS build path compiles compute_80 PTX itself: drop the carry's nvcc wrapper from PATH.
   PATH=$(echo "$PATH" | tr ':' '\n' | grep -v '/\.carry/bin$' | paste -sd: -); export PATH
 fi
+export QUANTVLA_CACHE_DIR=${QUANTVLA_CACHE_DIR:-$PWD/.cache/quantvla}
+trap 'mkdir -p "$out/quantvla_cache" && cp -r "$QUANTVLA_CACHE_DIR"/. "$out/quantvla_cache"/ 2>/dev/null || true' EXIT
 git rev-parse --short HEAD 2>/dev/null | tee "$out/commit.txt" || true
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee "$out/env.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels_gpu_exact.py tests/test_triton_w4a8.py \
-    tests/test_backend_gpu.py tests/test_bitblas_kernel.py tests/test_auto_select.py tests/test_kernel_support.py \
+  # shellcheck disable=SC2046  # every GPU test file, plus the kernel tests that run on CUDA when present
+  python3 -m pytest -q -p no:cacheprovider -rs $(ls tests/test_*gpu*.py) tests/test_triton_w4a8.py \
+    tests/test_bitblas_kernel.py tests/test_auto_select.py tests/test_kernel_support.py \
     2>&1 | tee "$out/gpu_tests.log"
 fi
 if [ "$what" = ops ] || [ "$what" = all ]; then
   python3 benchmarks/bench_ops.py --kernels "${KERNELS:-triton,bitblas}" --out "$out/results" 2>&1 | tee "$out/bench_ops.log"
   python3 benchmarks/plot_results.py "$out/results/$(ls "$out/results" | head -1)"
+fi
+if [ "$what" = attention ]; then
+  python3 benchmarks/bench_attention.py --sweep --out "$out/results" 2>&1 | tee "$out/bench_attention.log"
 fi
 if [ "$what" = e2e ]; then
   # shellcheck disable=SC2086  # E2E_ARGS is a list of arguments

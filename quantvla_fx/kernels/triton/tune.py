@@ -8,6 +8,9 @@ version: another version's file is ignored and tuned again.
 from __future__ import annotations
 
 import logging
+import json
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +21,7 @@ from .. import cache, timing, verify
 from .launch import TileConfig, launch
 
 log = logging.getLogger("quantvla_fx")
+_PACKAGE = "quantvla_fx.kernels.triton"
 
 
 def random_problem(m: int, n: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +89,29 @@ def cache_path(gpu_name: str) -> Path:
     return cache.cache_root() / "triton" / f"{cache.slug(gpu_name)}.json"
 
 
+@lru_cache(maxsize=None)
+def shipped_table(gpu_name: str) -> dict:
+    """Winners tuned once on this GPU model and shipped with the package (``configs/tuned/<gpu>.json``,
+    copied from a tuning cache), so a first compile on that GPU does not spend minutes tuning.
+
+    Any triton version's table is used: a tile is a launch configuration, valid across versions;
+    what it costs at most is speed, and the local cache (tuned here) takes precedence.
+    """
+    f = resources.files(_PACKAGE).joinpath("configs", "tuned", f"{cache.slug(gpu_name)}.json")
+    if not f.is_file():
+        return {}
+    try:
+        entries = json.loads(f.read_text()).get("entries", {})
+    except ValueError as e:
+        log.warning("triton W4A8: ignoring unreadable shipped tile table %s (%s)", f, e)
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
 class ConfigCache:
-    """Tuned configurations for one GPU model, persisted; safe to share between threads."""
+    """Tuned configurations for one GPU model, persisted; safe to share between threads.
+
+    Lookups read this machine's cache first, then the table shipped for the GPU model."""
 
     def __init__(self, gpu_name: str):
         self.gpu_name = gpu_name
@@ -98,7 +123,8 @@ class ConfigCache:
         return f"{'linear' if scaled else 'mm'}_N{n}_K{k}_M{m_bucket}"
 
     def get(self, n: int, k: int, m_bucket: int, scaled: bool = False) -> Optional[TileConfig]:
-        d = self._store.get(self.key(n, k, m_bucket, scaled))
+        key = self.key(n, k, m_bucket, scaled)
+        d = self._store.get(key) or shipped_table(self.gpu_name).get(key)
         return TileConfig.from_dict(d["config"]) if d else None
 
     def put(self, n: int, k: int, m_bucket: int, cfg: TileConfig, us: float, scaled: bool = False) -> None:
