@@ -17,6 +17,7 @@ from .config_checks import (ConfigError, check_bool, check_float_weights, check_
                             check_int_tuple, check_optional_path, check_packs)
 from .attention_support import ATTENTION_CHOICES
 from .kernel_support import KERNELS
+from .schemes import check_rules, check_scheme, effective_group_size, scheme_for
 
 log = logging.getLogger("quantvla_fx")
 
@@ -55,8 +56,17 @@ class QuantVLAConfig:
         include: regexes searched (``re.search``) in the FQN of the module that *calls* each
             linear; a linear is a candidate if any matches.
         exclude: regexes that veto a candidate (checked after ``include``).
-        weight_bits / act_bits: 4 and 8 (W4A8) — the only combination the kernels implement.
-        group_size: -1 for one weight scale per output channel, or a positive even group size.
+        weight_bits / act_bits: 4 and 8; weight-only int4 is ``scheme="w4a16"``, not ``act_bits``.
+        group_size: the ``w4a8`` weight group: -1 for one weight scale per output channel, or a
+            positive even group size (a group as wide as K or wider is one group per row).
+        scheme: what every selected linear becomes unless a ``layer_schemes`` rule says otherwise:
+            ``w4a8`` (int4 weights × int8 per-token activations) or ``w4a16`` (int4 weights only,
+            activations in the model's dtype, no activation quantization; the seeds' W4FP16).
+        layer_schemes: per-layer schemes, ``{regex: "w4a8" | "w4a16" | "float"}`` (or a sequence of
+            pairs), searched in the calling module's FQN among the selected linears; rules must
+            not overlap (a linear two rules match is an error naming both). schemes.py.
+        w4a16_group_size: the ``w4a16`` weight group (default 128, as the seeds' W4FP16 script;
+            -1 per output channel).
         kernel: ``auto`` (fastest verified kernel per shape; the reference kernel on CPU),
             ``reference``, ``bitblas`` or ``triton``.
         epilogue: ``fused`` (scales applied in the kernel: ``quantvla::w4a8_linear``), ``int32``
@@ -108,6 +118,9 @@ class QuantVLAConfig:
     cudagraphs: bool = False
     float_weights: str = "auto"
     attention: str = "auto"
+    scheme: str = "w4a8"
+    layer_schemes: tuple = ()
+    w4a16_group_size: int = 128
     _include_re: tuple = field(default=(), init=False, repr=False, compare=False)
     _exclude_re: tuple = field(default=(), init=False, repr=False, compare=False)
 
@@ -119,8 +132,10 @@ class QuantVLAConfig:
         set_("_exclude_re", tuple(_compile(p, "exclude") for p in self.exclude))
         for name in ("enable_tuning", "debug", "quantize", "duquant_fold", "verify_weights", "cudagraphs"):
             check_bool(name, getattr(self, name))
-        for name in ("weight_bits", "act_bits", "group_size"):
+        for name in ("weight_bits", "act_bits", "group_size", "w4a16_group_size"):
             check_int(name, getattr(self, name))
+        check_scheme("scheme", self.scheme)
+        set_("layer_schemes", check_rules(self.layer_schemes))
         set_("opt_m", check_int_tuple("opt_m", self.opt_m))
         set_("dump_dir", check_optional_path("dump_dir", self.dump_dir))
         set_("packs", check_packs(self.packs))
@@ -128,10 +143,14 @@ class QuantVLAConfig:
         check_float_weights(self.float_weights, self.quantize, self.verify_weights)
         if self.weight_bits != 4:
             raise ConfigError(f"weight_bits={self.weight_bits!r}: only 4-bit weights are implemented")
+        if self.act_bits == 16:
+            raise ConfigError("act_bits=16: weight-only int4 is scheme='w4a16' (act_bits is the W4A8 activation width)")
         if self.act_bits != 8:
             raise ConfigError(f"act_bits={self.act_bits!r}: only 8-bit activations are implemented")
-        if not (self.group_size == -1 or (self.group_size > 0 and self.group_size % 2 == 0)):
-            raise ConfigError(f"group_size={self.group_size!r}: use -1 (per output channel) or a positive even integer")
+        for name in ("group_size", "w4a16_group_size"):
+            g = getattr(self, name)
+            if not (g == -1 or (g > 0 and g % 2 == 0)):
+                raise ConfigError(f"{name}={g!r}: use -1 (per output channel) or a positive even integer")
         if self.kernel not in KERNELS:
             raise ConfigError(f"kernel={self.kernel!r}: choose one of {KERNELS}")
         if self.epilogue not in EPILOGUES:
@@ -154,6 +173,16 @@ class QuantVLAConfig:
         if exc is not None:
             return False, f"excluded by {exc!r}"
         return True, f"included by {inc!r}"
+
+    def scheme_for(self, fqn: str) -> tuple[str, str]:
+        """(scheme, why) of a selected linear: a ``layer_schemes`` rule's, else ``scheme``.
+        Raises ConfigError naming the layer and the rules when two rules match it."""
+        scheme, rule = scheme_for(fqn, self.layer_schemes, self.scheme)
+        return scheme, (f"layer_schemes {rule!r}" if rule is not None else "scheme")
+
+    def group_size_for(self, scheme: str, k: int) -> int:
+        """The weight group of a K-wide linear under ``scheme`` (-1: one scale per output channel)."""
+        return effective_group_size(k, self.w4a16_group_size if scheme == "w4a16" else self.group_size)
 
     # -- presets ---------------------------------------------------------------------------
     @classmethod
@@ -197,7 +226,9 @@ class QuantVLAConfig:
         """Read the seeds' ``OPENPI_BITBLAS_*`` variables (unset ones keep the defaults).
 
         INCLUDE, EXCLUDE (regexes), WBITS, GROUP_SIZE, DUQUANT_PACKDIR, ENABLE_TUNING (0/1),
-        OPT_M ("1,16,32"), DEBUG (0/1), and KERNEL / DUMP_DIR (ours).
+        OPT_M ("1,16,32"), DEBUG (0/1), and KERNEL / DUMP_DIR (ours).  ENABLE is the seeds'
+        W4FP16 switch: 1 gives ``scheme="w4a16"`` (GROUP_SIZE then sets ``w4a16_group_size``),
+        0 quantizes nothing (their script runs the float model); unset keeps W4A8.
         """
         env = os.environ if environ is None else environ
         kw: dict[str, Any] = {}
@@ -219,14 +250,20 @@ class QuantVLAConfig:
                 return False
             raise ConfigError(f"{_ENV_PREFIX}{name}={v!r} is not a boolean (use 0 or 1)")
 
-        if (v := get("INCLUDE")) is not None:
+        weight_only = False
+        if (v := get("ENABLE")) is not None:
+            weight_only = as_bool("ENABLE", v)
+            kw["include"] = () if not weight_only else PI05_MLP_INCLUDE
+            if weight_only:
+                kw["scheme"] = "w4a16"
+        if (v := get("INCLUDE")) is not None and kw.get("include", True) != ():
             kw["include"] = (v,)
         if (v := get("EXCLUDE")) is not None:
             kw["exclude"] = (v,)
         if (v := get("WBITS")) is not None:
             kw["weight_bits"] = as_int("WBITS", v)
         if (v := get("GROUP_SIZE")) is not None:
-            kw["group_size"] = as_int("GROUP_SIZE", v)
+            kw["w4a16_group_size" if weight_only else "group_size"] = as_int("GROUP_SIZE", v)
         if (v := get("DUQUANT_PACKDIR")) is not None:
             kw["packs"] = v
         if (v := get("ENABLE_TUNING")) is not None:
