@@ -35,6 +35,8 @@ class LinearRecord:
     kernel: Optional[str] = None
     duquant: list[str] = field(default_factory=list)  # what was folded into what / runs online
     sqnr_db: Optional[float] = None  # weight round-trip SQNR of the packed int4 weight
+    scheme: Optional[str] = None  # w4a8 / w4a16 (quantized), float (kept by a layer_schemes rule)
+    group_size: Optional[int] = None  # the weight group used (-1: one scale per output channel)
 
 
 @dataclass
@@ -105,14 +107,14 @@ class GraphReport:
             lines += [f"Hoisted (weights and constants only, computed once per weight change): {h['nodes']} nodes, "
                       f"{h['compute_ops']} of them compute ({h['linears']} linears), from {h['weights']} weights, into "
                       f"{h['outputs']} values in {h['bytes']} bytes ({', '.join(h['buffers'])}).", ""]
-        lines += ["| linear (calling module) | N×K | dtype | quantized | reason | group | op / kernel | weight SQNR dB | DuQuant |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| linear (calling module) | N×K | dtype | quantized | scheme (weight group) | reason | group | op / kernel | "
+                  "weight SQNR dB | DuQuant |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.linears:
             alias = f" (weight `{r.param_fqn}`)" if r.param_fqn and not r.param_fqn.startswith(r.fqn + ".") else ""
             opk = f"{r.op} / {r.kernel}" if r.op else ""
             lines.append(
                 f"| `{r.fqn}`{alias} | {r.out_features}×{r.in_features} | {r.dtype} | "
-                f"{'yes' if r.quantized else 'no'} | {r.reason} | {r.group or ''} | {opk} | "
+                f"{'yes' if r.quantized else 'no'} | {_scheme_cell(r)} | {r.reason} | {r.group or ''} | {opk} | "
                 f"{'' if r.sqnr_db is None else r.sqnr_db} | {'; '.join(r.duquant)} |"
             )
         if self.attention:
@@ -121,6 +123,12 @@ class GraphReport:
             lines += [f"| `{a.fqn}` ({a.node}) | {a.layout} | {a.shape} | {a.mask} | {'yes' if a.rewritten else 'no'} | "
                       f"{a.kernel if a.rewritten else a.reason} |" for a in self.attention]
         return "\n".join(lines) + "\n"
+
+
+def _scheme_cell(r: LinearRecord) -> str:
+    if r.scheme is None or not r.quantized:
+        return r.scheme or ""
+    return f"{r.scheme} ({'per channel' if r.group_size in (None, -1) else f'g{r.group_size}'})"
 
 
 class ReportBook:
