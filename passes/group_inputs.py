@@ -1,6 +1,7 @@
-"""Analysis 2: linears that read the same activation node (q/k/v, gate/up) form one group.
+"""Analysis 2: linears that read the same activation node (q/k/v, gate/up) with one scheme form a group.
 
-A group gets one input transform and one activation quantization, shared by its GEMMs.
+A group gets one input transform and one activation quantization, shared by its GEMMs (linears of
+one input under different schemes, e.g. a W4A16 q_proj next to a W4A8 k_proj, are separate groups).
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from quantvla_fx.rewrite_context import GroupSite, RewriteContext
 
 
 def group_inputs(gm: fx.GraphModule, ctx: RewriteContext) -> None:
-    by_input: dict[fx.Node, GroupSite] = {}
+    by_input: dict[tuple, GroupSite] = {}
     for site in ctx.kept:
-        group = by_input.get(site.input_node)
+        key = (site.input_node, site.record.scheme)
+        group = by_input.get(key)
         if group is None:
-            group = by_input[site.input_node] = GroupSite(name="", input_node=site.input_node)
+            group = by_input[key] = GroupSite(name="", input_node=site.input_node)
             ctx.groups.append(group)
         group.members.append(site)
         site.group = group

@@ -42,8 +42,15 @@ def match_linears(gm: fx.GraphModule, ctx: RewriteContext) -> None:
         selected, rec.reason = cfg.match(fqn)
         if not selected:
             continue
+        scheme, by = cfg.scheme_for(fqn)  # a ConfigError naming the layer if two layer_schemes rules match
+        rec.scheme = scheme
+        if by != "scheme":
+            rec.reason += f"; {scheme} by {by}"
+        if scheme == "float":
+            continue
+        rec.group_size = cfg.group_size_for(scheme, int(k_in))
         real = placeholder_real_tensor(w, ctx.inputs.example, pos) if pos is not None else None
-        why_not = _why_not_quantizable(real, wv, xv, k_in, n_out, cfg)
+        why_not = _why_not_quantizable(real, wv, xv, k_in, n_out, cfg, scheme, rec.group_size)
         if why_not:
             rec.reason = f"skipped: {why_not}"
             log.warning("quantvla: %s (%s) not quantized: %s", fqn, node.name, why_not)
@@ -72,10 +79,10 @@ def _warn_if_nothing_quantized(ctx: RewriteContext) -> None:
                         f"in graph {ctx.graph_id} (calling modules such as {records[0].fqn!r})")
 
 
-def _why_not_quantizable(real, wv, xv, k, n, cfg) -> str:
+def _why_not_quantizable(real, wv, xv, k, n, cfg, scheme: str, group_size: int) -> str:
     if real is None or not isinstance(wv, torch.Tensor):
         return "the weight is computed inside the graph, not a parameter or input tensor"
-    why = weight_rule_violation(tuple(wv.shape), wv.dtype, cfg.group_size, cfg.quantize)
+    why = weight_rule_violation(tuple(wv.shape), wv.dtype, group_size, cfg.quantize)
     if why or not cfg.quantize:
         return why or ""
     if isinstance(xv, torch.Tensor) and xv.dtype not in SUPPORTED_DTYPES:
@@ -83,7 +90,7 @@ def _why_not_quantizable(real, wv, xv, k, n, cfg) -> str:
     if isinstance(xv, torch.Tensor) and xv.device != wv.device:
         return f"activation on {xv.device} but weight on {wv.device}"
     if cfg.kernel != "auto":
-        reason = cannot_run(cfg.kernel, n, k, cfg.group_size, wv.device)  # shape rules only: nothing is built
+        reason = cannot_run(cfg.kernel, n, k, group_size, wv.device, scheme)  # shape rules only: nothing is built
         if reason:
             return f"kernel {cfg.kernel!r} cannot take it: {reason}"
     return ""

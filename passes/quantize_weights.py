@@ -31,7 +31,7 @@ def _safe(fqn: str) -> str:
 
 
 def _recipe(ctx: RewriteContext, site: LinearSite) -> WeightRecipe:
-    gs = ctx.config.group_size
+    gs = site.record.group_size  # the scheme's group for this K (match_linears)
     fold = ctx.duquant.linears[site]  # what fold_duquant decided for this linear
     out_rot = fold.out_rot.tensor if fold.out_rot is not None else None
     recipe = WeightRecipe(gs, fold.clip, fold.transform, out_rot, fold.row_div, fold.rounding, site.record.fqn)
@@ -85,7 +85,7 @@ def _why_not_one_pack(ctx: RewriteContext, tg: TransformGroup) -> Optional[str]:
         return "weights on different devices"
     if ctx.config.kernel != "auto":
         n = sum(s.record.out_features for s in members)
-        why = cannot_run(ctx.config.kernel, n, k, ctx.config.group_size, first.weight.device)
+        why = cannot_run(ctx.config.kernel, n, k, first.record.group_size, first.weight.device, first.record.scheme)
         if why:
             return f"kernel {ctx.config.kernel!r} cannot take the stacked N={n}: {why}"
     return None

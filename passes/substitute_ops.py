@@ -3,7 +3,8 @@
 Per group: [online transform] -> per-token int8 quantization, both as plain aten ops inserted
 before the group's first linear so Inductor fuses them into the producer's kernel; then per
 linear either ``quantvla::w4a8_linear`` (scales applied in the kernel) or ``quantvla::w4a8_mm`` +
-an aten dequant epilogue that Inductor fuses with what follows.
+an aten dequant epilogue that Inductor fuses with what follows.  A ``w4a16`` group (weight-only)
+gets no quantization: ``quantvla::w4a16_linear`` reads the activation in its own dtype.
 """
 from __future__ import annotations
 
@@ -36,6 +37,15 @@ def fused_linear(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel):
     return torch.ops.quantvla.w4a8_linear.default(x_q, x_scale, w_packed, w_scale, bias, out_dtype, kernel)
 
 
+def weight_only_linear(x, w_packed, w_scale, bias, out_dtype, kernel):
+    bias = bias.detach() if bias is not None else None
+    return torch.ops.quantvla.w4a16_linear.default(x, w_packed, w_scale, bias, out_dtype, kernel)
+
+
+def _to_dtype(x, dtype):
+    return x.to(dtype)
+
+
 def restored(y, out_rot, blocks, dtype, out_dtype, bias):
     """Undo a block-diagonal output rotation (QuantVLA's "restore" mode), then add the bias."""
     out = restore_rows(y, out_rot, blocks, dtype, out_dtype)
@@ -59,6 +69,8 @@ def float_linear(x, w, bias):
 def choose_epilogue(ctx: RewriteContext, site: LinearSite) -> str:
     if not ctx.config.quantize:
         return "float"
+    if site.record.scheme == "w4a16":
+        return "w4a16"
     # (QuantVLAConfig refuses int32 with per-group scales: one accumulator cannot take them.)
     return "fused" if ctx.config.epilogue == "auto" else ctx.config.epilogue
 
@@ -93,10 +105,13 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
         first = min(tg.members, key=lambda s: order[s.node])
         x = replaced.get(tg.group.input_node, tg.group.input_node)
 
-        def build_input(x=x, online=tg.online):
+        def build_input(x=x, online=tg.online, weight_only=first.record.scheme == "w4a16"):
+            dtype = x.meta["example_value"].dtype
             if online is not None:
                 x = online_nodes(graph, online, x)
-            if ctx.config.quantize:
+                if weight_only and ctx.config.quantize and dtype != online.dtype:
+                    x = trace_into(graph, _to_dtype, x, dtype)  # W4A16 reads the model's dtype
+            if ctx.config.quantize and not weight_only:
                 return (x,) + tuple(trace_into(graph, quantize_per_token, x))
             return x, None, None
 
@@ -126,12 +141,14 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
 
 
 _OP_NAMES = {"fused": "quantvla::w4a8_linear", "int32": "quantvla::w4a8_mm + aten epilogue",
-             "float": "aten.linear (quantize=False)"}
+             "float": "aten.linear (quantize=False)", "w4a16": "quantvla::w4a16_linear"}
 
 
 def _gemm(graph, epilogue, x, x_q, x_scale, weight, bias, out_dtype, kernel):
     if epilogue == "float":
         return trace_into(graph, float_linear, x, weight.packed, bias)
+    if epilogue == "w4a16":
+        return trace_into(graph, weight_only_linear, x, weight.packed, weight.scale, bias, out_dtype, kernel)
     fn = fused_linear if epilogue == "fused" else int32_epilogue
     return trace_into(graph, fn, x_q, x_scale, weight.packed, weight.scale, bias, out_dtype, kernel)
 

@@ -157,6 +157,39 @@ def shape_reason(name: str, n: int, k: int, group_size: int) -> Optional[str]:
     return None
 
 
-def cannot_run(name: str, n: int, k: int, group_size: int, device) -> Optional[str]:
+def cannot_run(name: str, n: int, k: int, group_size: int, device, scheme: str = "w4a8") -> Optional[str]:
     """None if kernel ``name`` may run this GEMM on ``device`` (by the rules above), else why not."""
+    if scheme == "w4a16":
+        return w4a16_device_reason(name, device) or w4a16_shape_reason(name, n, k, group_size)
     return device_reason(name, device) or shape_reason(name, n, k, group_size)
+
+
+# -- W4A16 (weight-only int4, quantvla::w4a16_linear; kernels/w4a16/) ------------------------------
+def w4a16_device_reason(name: str, device) -> Optional[str]:
+    """None if W4A16 kernel ``name`` may run on ``device``."""
+    device = torch.device(device)
+    if name in ("auto", "reference"):
+        return None
+    if name == "bitblas":
+        return "the bitblas kernel is W4A8 only here (BitBLAS int4 x bf16 is not wired in); use 'triton' or 'auto'"
+    if name != "triton":
+        return f"unknown quantvla kernel {name!r}; choose one of {KERNELS}"
+    if not installed("triton"):
+        return "triton is not installed (pip install quantvla-fx[gpu])"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"the triton W4A16 kernel needs a CUDA device, got {device}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        return f"the triton W4A16 kernel needs bf16 tensor cores (compute capability 8.0+), this GPU is {cap[0]}.{cap[1]}"
+    return None
+
+
+def w4a16_shape_reason(name: str, n: int, k: int, group_size: int) -> Optional[str]:
+    """None if W4A16 kernel ``name`` computes an [N, K] weight with this group size."""
+    if name != "triton":
+        return None
+    if k % 2:
+        return f"K={k} is odd; packed int4 weights need an even K"
+    if group_size not in (-1, k) and group_size % 32:
+        return f"group_size={group_size}: the triton W4A16 kernel needs -1 (per channel) or a multiple of 32"
+    return None

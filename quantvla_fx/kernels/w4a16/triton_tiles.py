@@ -1,0 +1,57 @@
+"""Tile candidates for the Triton W4A16 kernel and a heuristic for when timing is impossible.
+
+Few tokens (M bucket <= 64, the skinny path): the GEMM streams the weights, so tiles are one
+MMA column of tokens wide (BLOCK_M = max(16, bucket)) and split-K fills the SMs (LM down_proj at
+M = 10: K = 16384, N = 2048).  Many tokens: MMA-bound tiles, as for a bf16 GEMM.
+"""
+from __future__ import annotations
+
+import triton
+
+from .triton_launch import W4A16Tile
+
+SMALL_M = 64
+# (block_n, block_kh, num_warps, num_stages); BLOCK_M is the bucket.
+SMALL = [(64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]
+# (block_n, block_m, block_kh, num_warps, num_stages)
+LARGE = [(128, 128, 32, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3), (256, 128, 32, 8, 3), (128, 256, 32, 8, 3),
+         (64, 128, 64, 4, 4)]
+
+
+def _splits(tiles: int, kh: int, block_kh: int, sm_count: int) -> list[int]:
+    """Split-K counts giving from a quarter of the SMs to two waves, each split >= 2 K steps."""
+    fits = [s for s in (1, 2, 4, 8, 16, 32) if s == 1 or kh // s >= 2 * block_kh]
+    near = [s for s in fits if sm_count <= 4 * tiles * s and tiles * s <= 2 * sm_count]
+    return near[:3] or [max(fits)] if tiles < sm_count else [1]
+
+
+def candidates(n: int, k: int, m_bucket: int, group_size: int, sm_count: int = 132) -> list[W4A16Tile]:
+    from .triton_launch import fit_block_kh
+
+    kh = k // 2
+    out = []
+    if m_bucket <= SMALL_M:
+        bm = max(16, m_bucket)
+        for bn, bkh, warps, stages in SMALL:
+            bkh = fit_block_kh(bkh, kh, group_size)
+            tiles = triton.cdiv(n, bn)
+            for s in _splits(tiles, kh, bkh, sm_count):
+                out.append(W4A16Tile(bn, bm, bkh, s, warps, stages))
+    else:
+        for bn, bm, bkh, warps, stages in LARGE:
+            out.append(W4A16Tile(bn, bm, fit_block_kh(bkh, kh, group_size), 1, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def heuristic(n: int, k: int, m: int, group_size: int, sm_count: int = 132) -> W4A16Tile:
+    """The candidate whose grid best fills the SMs (no measurement)."""
+    from ...kernel_support import m_bucket
+
+    b = m_bucket(m)
+    cands = candidates(n, k, b, group_size, sm_count)
+
+    def fill(c: W4A16Tile) -> float:
+        waves = triton.cdiv(n, c.block_n) * triton.cdiv(b, c.block_m) * c.split_k / sm_count
+        return abs(waves - round(waves)) if waves >= 1 else 1 - waves
+
+    return min(cands, key=fill)
