@@ -89,3 +89,30 @@ def test_cudagraphs_replay_reads_the_live_packs(kernel):
     want_edited = _run(m2, x, kernel=kernel)
     assert _rel(first, want) <= 1e-6
     assert _rel(edited, want_edited) <= 1e-6 and _rel(edited, want) > 1e-3
+
+
+def test_split_k_counters_stay_out_of_cudagraph_pools():
+    """The split-K counters live as long as the process, so they must not land in the pool of a
+    CUDA-graph tree warming up (it refuses to record while a tensor it does not own lives there:
+    the full Pi0.5 W4A8 compile failed so).  Torch routes every allocation of the warming-up
+    thread into the pool, whatever the stream."""
+    pytest.importorskip("triton")
+    from torch._inductor.cudagraph_trees import _use_cuda_memory_pool_manager
+
+    from quantvla_fx.kernels.triton.launch import _zeros_outside_graph_pools
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    pool = torch.cuda.graph_pool_handle()
+    with _use_cuda_memory_pool_manager(dev.index, pool, torch.cuda.Stream(dev)):
+        inside = torch.empty(1 << 20, device=dev)
+        counters = _zeros_outside_graph_pools(4096, dev)
+
+    def pool_of(t):
+        for seg in torch.cuda.memory_snapshot():
+            if seg["address"] <= t.data_ptr() < seg["address"] + seg["total_size"]:
+                return tuple(seg["segment_pool_id"])
+        raise AssertionError("tensor not found in the allocator's segments")
+
+    assert pool_of(inside) == tuple(pool)  # the check itself sees the pool
+    assert pool_of(counters) != tuple(pool)
+    assert int(counters.abs().sum()) == 0

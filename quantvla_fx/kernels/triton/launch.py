@@ -6,6 +6,7 @@ so it is CUDA-graph capturable.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -68,18 +69,30 @@ def _counters(dev: torch.device, tiles: int) -> torch.Tensor:
 def _zeros_outside_graph_pools(n: int, dev: torch.device) -> torch.Tensor:
     """A long-lived zeroed buffer that is not in a CUDA-graph memory pool.
 
-    CUDA-graph trees (``cudagraphs=True`` / ``mode="reduce-overhead"``) route the current stream's
-    allocations into their private pool during warm-up and refuse to record when a tensor they do
-    not own stays alive there; allocating on a side stream keeps the buffer in the ordinary pool.
+    CUDA-graph trees (``cudagraphs=True`` / ``mode="reduce-overhead"``) route the allocations of
+    the warming-up thread (torch >= 2.10: every stream of it; earlier: its current stream) into
+    their private pool, and refuse to record when a tensor they do not own stays alive there.  So
+    the buffer is allocated by another thread, on a side stream, in the ordinary pool.
     """
     if dev.type != "cuda":
         return torch.zeros(n, dtype=torch.int32, device=dev)
-    side = torch.cuda.Stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(side):
-        buf = torch.zeros(n, dtype=torch.int32, device=dev)
-    torch.cuda.current_stream(dev).wait_stream(side)
-    return buf
+    made: list = []
+
+    def allocate() -> None:
+        try:
+            side = torch.cuda.Stream(dev)
+            with torch.cuda.stream(side):
+                made.append(torch.zeros(n, dtype=torch.int32, device=dev))
+            side.synchronize()  # zeroed before any kernel on the caller's stream reads it
+        except BaseException as e:  # re-raised in the caller's thread
+            made.append(e)
+
+    worker = threading.Thread(target=allocate, name="quantvla-counters")
+    worker.start()
+    worker.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def _reg_cap(cfg: TileConfig) -> Optional[int]:
