@@ -23,7 +23,7 @@ from torchao.quantization.utils import compute_error
 
 import quantvla_fx.ops  # noqa: F401
 from quantvla_fx.attention_support import MASK_VALUE, auto_choice
-from quantvla_fx.kernels.attention import reference, triton_flash, triton_splitkv
+from quantvla_fx.kernels.attention import reference, torch_fused, triton_flash, triton_splitkv
 from quantvla_fx.kernels.timing import graph_us
 
 PREFIX = 968  # 3 cameras x 256 + 200 prompt tokens
@@ -117,9 +117,11 @@ def main():
             "splitkv": lambda: triton_splitkv.attention(q, k, v, kv, qv, scale),
             "flash": lambda: triton_flash.attention(q, k, v, kv, qv, scale),
         }
+        if kv is None and qv is None:  # PyTorch's fused SDPA behind the op runs unpadded calls only
+            runs["torch"] = lambda: torch_fused.attention(q, k, v, kv, qv, scale)
         row = {"shape": {"B": q.shape[0], "Hq": q.shape[1], "Hkv": k.shape[1], "Lq": q.shape[2], "Lk": k.shape[2],
                          "D": q.shape[3], "key_padding": kv is not None, "query_padding": qv is not None},
-               "auto_kernel": auto_choice(q.device, q.dtype, q.shape[2], q.shape[3]), "us": {}, "sqnr_db_vs_fp32": {}}
+               "auto_kernel": auto_choice(q.device, q.dtype, q.shape[2], q.shape[3], kv is not None or qv is not None), "us": {}, "sqnr_db_vs_fp32": {}}
         for variant, fn in runs.items():
             out = fn()
             if variant == "sdpa_model_layout" and out.shape != ref.shape:

@@ -17,24 +17,31 @@ from typing import Optional
 import torch
 
 # "sdpa" switches the substitute_attention pass off; the others are the op's kernel choice.
-ATTENTION_CHOICES = ("auto", "sdpa", "reference", "splitkv", "flash")
-ATTENTION_KERNELS = ("reference", "splitkv", "flash")
+ATTENTION_CHOICES = ("auto", "sdpa", "reference", "splitkv", "flash", "torch")
+# "torch": PyTorch's fused SDPA behind the op, for calls without padding only.
+ATTENTION_KERNELS = ("reference", "splitkv", "flash", "torch")
 # openpi's additive mask value (models/pi05/masks.py); the kernels replace masked logits by it.
 MASK_VALUE = -2.3819763e38
 # A finite additive mask value at or below this is treated as "masked" (exp underflows to 0 in
 # fp32 and a row of only masked logits is uniform unless |logit| > ~1e22).
 MASKED_AT_MOST = -1e30
-SPLITKV_MAX_QUERIES = 64  # per KV head and query head: the expert (10 or 50 action tokens)
 MAX_HEAD_DIM = 256
 GPU_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def auto_choice(device: torch.device, dtype: torch.dtype, lq: int, d: int) -> str:
-    """The kernel ``auto`` runs: reference on CPU, fp32 or shapes the Triton kernels do not take."""
+def auto_choice(device: torch.device, dtype: torch.dtype, lq: int, d: int, padded: bool = True) -> str:
+    """The kernel ``auto`` runs: reference on CPU, fp32 or shapes the Triton kernels do not take;
+    PyTorch's fused SDPA for calls without padding; else split-KV, which beat flash at every Pi0.5
+    shape on the H200 (``benchmarks/results/h200/bench_attention.json``: expert 10 / 50 queries
+    22.5 / 20.0 µs vs 63.6 / 93.9 µs, the 968-token prefix 39.8 vs 57.8 µs, best tiles of each)."""
     device = torch.device(device)
-    if device.type != "cuda" or dtype not in GPU_DTYPES or triton_reason(device) or d > MAX_HEAD_DIM:
+    if device.type != "cuda" or dtype not in GPU_DTYPES:
         return "reference"
-    return "splitkv" if lq <= SPLITKV_MAX_QUERIES else "flash"
+    if not padded:
+        return "torch"
+    if triton_reason(device) or d > MAX_HEAD_DIM:
+        return "reference"
+    return "splitkv"
 
 
 def triton_reason(device: torch.device) -> Optional[str]:
@@ -49,6 +56,8 @@ def cannot_run(name: str, device, dtype: torch.dtype, d: int) -> Optional[str]:
     """None if kernel ``name`` runs this attention on ``device``, else why not."""
     if name == "reference":
         return None
+    if name == "torch":
+        return None if dtype in GPU_DTYPES else f"PyTorch's fused SDPA is used for bf16/fp16 only, got {dtype}"
     if name not in ATTENTION_KERNELS:
         return f"unknown attention kernel {name!r}; choose one of {ATTENTION_KERNELS} or 'auto'"
     if dtype not in GPU_DTYPES:
@@ -62,4 +71,4 @@ def report_name(choice: str, device) -> str:
     """The report's kernel column before any call: the forced name, or auto's rule."""
     if choice != "auto":
         return choice
-    return "reference" if torch.device(device).type == "cpu" else f"auto (splitkv if Lq <= {SPLITKV_MAX_QUERIES}, else flash)"
+    return "reference" if torch.device(device).type == "cpu" else "auto (torch without padding, else splitkv)"

@@ -94,7 +94,8 @@ class QuantVLAConfig:
             compiled), ``keep`` (stays on its device) or ``auto`` (default: ``offload`` for weights
             on a GPU, ``keep`` on the CPU and with ``verify_weights`` or ``quantize=False``).
         attention: ``auto`` (rewrite provable key-padding SDPA calls into ``quantvla::attention``,
-            kernel chosen per call), ``reference`` / ``splitkv`` / ``flash`` (force a kernel), or
+            kernel chosen per call: PyTorch's fused SDPA without padding, split-KV otherwise),
+            ``reference`` / ``splitkv`` / ``flash`` / ``torch`` (force a kernel), or
             ``sdpa`` (leave every SDPA call as it is). Independent of ``quantize``.
     """
 

@@ -77,8 +77,11 @@ def test_siglip_shape_padded_head_dim():
     torch.manual_seed(2)
     q, k, v = (torch.randn(3, 16, 256, 72, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref = reference.attention(q.float(), k.float(), v.float(), None, None, 72 ** -0.5)
-    out = torch.ops.quantvla.attention(q, k, v, None, None, 72 ** -0.5, "auto")
-    assert compute_error(ref, out.float()).item() >= 40
+    for choice in ("auto", "torch", "flash", "splitkv"):  # auto: PyTorch's fused SDPA (no padding)
+        out = torch.ops.quantvla.attention(q, k, v, None, None, 72 ** -0.5, choice)
+        assert compute_error(ref, out.float()).item() >= 40, choice
+    with pytest.raises(RuntimeError, match="only calls without padding"):
+        torch.ops.quantvla.attention(q, k, v, torch.ones(3, 256, dtype=torch.bool, device="cuda"), None, 0.1, "torch")
 
 
 def test_compiled_module_on_gpu_uses_the_op():

@@ -107,9 +107,11 @@ def test_selection_rules():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert auto_choice(cpu, torch.bfloat16, 10, 256) == "reference"
     assert auto_choice(gpu, torch.float32, 10, 256) == "reference"  # Triton dots in fp32 would be tf32
+    assert auto_choice(gpu, torch.bfloat16, 768, 72, padded=False) == "torch"  # SigLIP: no padding
+    assert auto_choice(gpu, torch.float32, 768, 72, padded=False) == "reference"
     if cannot_run("splitkv", gpu, torch.bfloat16, 256) is None:
         assert auto_choice(gpu, torch.bfloat16, 10, 256) == "splitkv"
-        assert auto_choice(gpu, torch.bfloat16, 968, 256) == "flash"
+        assert auto_choice(gpu, torch.bfloat16, 968, 256) == "splitkv"
     assert "head_dim 512" in cannot_run("flash", gpu, torch.bfloat16, 512)
     assert "bf16/fp16" in cannot_run("splitkv", gpu, torch.float32, 64)
     with pytest.raises(RuntimeError, match="kernel 'splitkv' cannot run on cpu"):

@@ -38,7 +38,8 @@ def _check(q, k, v, key_valid, query_valid) -> None:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor],
               query_valid: Optional[torch.Tensor], scale: float, choice: str = "auto") -> torch.Tensor:
     _check(q, k, v, key_valid, query_valid)
-    impl = select.resolve(choice, q.device, q.dtype, q.shape[2], q.shape[3])
+    padded = key_valid is not None or query_valid is not None
+    impl = select.resolve(choice, q.device, q.dtype, q.shape[2], q.shape[3], padded)
     return impl(q, k, v, key_valid, query_valid, scale)
 
 

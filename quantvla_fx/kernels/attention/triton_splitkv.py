@@ -90,16 +90,25 @@ def _merge_kernel(OUT, OPART, MPART, LPART, stride_ob, stride_oh, stride_om, str
              out.to(OUT.dtype.element_ty), mask=row_in[:, None] & (offs_d < D)[None, :])
 
 
-# Tiles: at head_dim 256 a 64-row fp32 accumulator alone needs 128 registers a thread in 4 warps
-# and spills; 16-row tiles keep q, acc and one K/V chunk in registers.
-DEFAULT_TILES = {"small_d": (32, 64, 4), "large_d": (16, 32, 4)}  # (BLOCK_M, BLOCK_N, num_warps)
+# Tiles (BLOCK_M, BLOCK_N, num_warps) per head-dim class and packed query rows (query heads of a
+# KV head x queries): at head_dim 256 the winners of an H200 sweep (bench_attention.py --sweep:
+# 80 rows 22.5 µs, 400 rows 20.0 µs, 7744 rows 39.8 µs); up to 128 the first choice, unswept.
+DEFAULT_TILES = {"small_d": ((None, (32, 64, 4)),),
+                 "large_d": ((128, (32, 64, 4)), (512, (16, 64, 8)), (None, (64, 32, 4)))}
+
+
+def default_tile(bd: int, rows: int) -> tuple[int, int, int]:
+    for most_rows, tile in DEFAULT_TILES["small_d" if bd <= 128 else "large_d"]:
+        if most_rows is None or rows <= most_rows:
+            return tile
+    raise AssertionError("the last tile of each class takes any number of rows")
 
 
 def plan(b: int, hkv: int, rows: int, lk: int, d: int, sm_count: int, block_m=None, block_n=None,
          num_warps=None, splits=None, programs_per_sm: int = 2) -> dict:
     """Tile sizes and the number of key splits: enough programs to cover the SMs ``programs_per_sm`` times."""
     bd = block_d(d)
-    dm, dn, dw = DEFAULT_TILES["small_d" if bd <= 128 else "large_d"]
+    dm, dn, dw = default_tile(bd, rows)
     block_m = block_m or min(dm, max(16, triton.next_power_of_2(rows)))
     block_n = block_n or dn
     row_blocks = triton.cdiv(rows, block_m)
