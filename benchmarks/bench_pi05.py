@@ -68,7 +68,8 @@ def quant_config(variant: str, args):
     from quantvla_fx import QuantVLAConfig
 
     make = QuantVLAConfig.all_linears if args.select == "all" else QuantVLAConfig.pi05_mlp
-    return make(kernel=args.kernel, cudagraphs=True, quantize=(variant == "quantvla_w4a8"))
+    dump = os.path.join(args.dump_dir, variant) if args.dump_dir else None
+    return make(kernel=args.kernel, cudagraphs=True, quantize=(variant == "quantvla_w4a8"), dump_dir=dump)
 
 
 def compile_variant(variant: str, model, args):
@@ -244,6 +245,7 @@ def main():
     ap.add_argument("--kernel", default="auto")
     ap.add_argument("--depth", type=int, help="smoke test: keep this many layers per tower (not a Pi0.5 figure)")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--dump-dir", help="write the quantvla graph dumps and rewrite report per variant here")
     ap.add_argument("--cache", default=".cache/bench_pi05", help="per-variant Inductor/Triton caches (git-ignored)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
