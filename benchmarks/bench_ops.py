@@ -1,9 +1,10 @@
 """Per-op benchmark: RMSNorm -> linear on the four Pi0.5 MLP shapes, quantvla vs Inductor bf16.
 
-    python benchmarks/bench_ops.py [--kernels triton,bitblas,auto] [--out benchmarks/results]
+    python benchmarks/bench_ops.py [--kernels triton,bitblas,auto,w4a16_triton] [--ms 1,10,50,968] [--out benchmarks/results]
 
-For every shape and M in {10, 50, 968}: the same module compiled with Inductor in bf16 and with
-backend="quantvla" (one run per kernel), plus raw cuBLAS bf16 (F.linear), all timed in this run
+For every shape and M in {10, 50, 968} (``--ms``): the same module compiled with Inductor in bf16 and
+with backend="quantvla" (one run per kernel; ``w4a16_<kernel>``: weight-only W4A16, group
+``--w4a16-group``, default 128 as the seeds), plus raw cuBLAS bf16 (F.linear), all timed in this run
 by quantvla_fx/kernels/timing.py (CUDA graphs, L2 flushed, medians).  Prints ratios; writes
 <out>/<gpu>/bench_ops.json.  benchmarks/plot_results.py draws the PNG.
 """
@@ -35,6 +36,8 @@ def main():
     ap.add_argument("--kernels", default="triton,bitblas")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M")
+    ap.add_argument("--w4a16-group", type=int, default=128, help="weight group of the w4a16_* kernels (-1: per channel)")
     args = ap.parse_args()
     torch.manual_seed(0)
     # One module class, many shapes and backends: keep every variant compiled (never eager).
@@ -49,9 +52,13 @@ def main():
             mod.norm.weight.normal_(0, 0.1)
         compiled = {"inductor_bf16": torch.compile(mod)}
         for kern in args.kernels.split(","):
-            cfg = QuantVLAConfig.all_linears(kernel=kern)
+            if kern.startswith("w4a16_"):
+                cfg = QuantVLAConfig.all_linears(scheme="w4a16", kernel=kern[len("w4a16_"):],
+                                                 w4a16_group_size=args.w4a16_group)
+            else:
+                cfg = QuantVLAConfig.all_linears(kernel=kern)
             compiled[f"quantvla_{kern}"] = torch.compile(mod, backend="quantvla", options=cfg.to_options())
-        for m in MS:
+        for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"shape": name, "K": k, "N": n, "M": m}
             with torch.no_grad():

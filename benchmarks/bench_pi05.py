@@ -8,6 +8,7 @@ Variants (same model object, same inputs):
   inductor_bf16   our Pi05 compiled by plain Inductor (``mode="reduce-overhead"``: CUDA graphs)
   quantvla_bf16   the quantvla backend with ``quantize=False``: every rewrite, no quantization
   quantvla_w4a8   the quantvla backend as shipped (W4A8 on the default selection)
+  quantvla_w4a16  (optional, not in the default list) weight-only W4A16, group 128 (the seeds' W4FP16)
 each compiled the way a user would run a policy: with CUDA graphs (``cudagraphs=True``).
 
 Phase ``cold``: one variant in this (new) process with an empty Inductor/Triton cache of its own
@@ -35,6 +36,7 @@ import time
 import torch
 
 VARIANTS = ("inductor_bf16", "quantvla_bf16", "quantvla_w4a8")
+OPTIONAL_VARIANTS = ("quantvla_w4a16",)  # --variants ...,quantvla_w4a16
 PRESETS = {10: "pi05_libero", 15: "pi05_droid", 50: "pi05_base"}
 
 
@@ -69,7 +71,8 @@ def quant_config(variant: str, args):
 
     make = QuantVLAConfig.all_linears if args.select == "all" else QuantVLAConfig.pi05_mlp
     dump = os.path.join(args.dump_dir, variant) if args.dump_dir else None
-    return make(kernel=args.kernel, cudagraphs=True, quantize=(variant == "quantvla_w4a8"), dump_dir=dump)
+    return make(kernel=args.kernel, cudagraphs=True, quantize=variant in ("quantvla_w4a8", "quantvla_w4a16"),
+                scheme="w4a16" if variant == "quantvla_w4a16" else "w4a8", dump_dir=dump)
 
 
 def compile_variant(variant: str, model, args):
@@ -194,7 +197,7 @@ def measure_variant(variant, model, obs, noise, ref, args) -> dict:
             res["compile_cold_s"] = round(json.load(f)["compile_cold_s"], 1)
     if variant != "inductor_bf16":
         res["config"] = {k: v for k, v in quant_config(variant, args).to_options().items()
-                         if k in ("include", "kernel", "quantize", "cudagraphs")}
+                         if k in ("include", "kernel", "quantize", "cudagraphs", "scheme", "w4a16_group_size")}
     fn = None  # drop the compiled graphs before the next variant
     release(model)
     return res
@@ -217,12 +220,12 @@ def phase_measure(args) -> None:
         with open(path, "w") as f:  # partial results survive a time-out in a later variant
             json.dump(result, f, indent=1)
     base = result.get("inductor_bf16", {}).get("latency_ms")
-    for v in VARIANTS[1:]:
+    for v in VARIANTS[1:] + OPTIONAL_VARIANTS:
         if base and v in result:
             result[v]["speedup_vs_inductor_bf16"] = round(base / result[v]["latency_ms"], 3)
-    if "quantvla_bf16" in result and "quantvla_w4a8" in result:
-        result["quantvla_w4a8"]["speedup_vs_quantvla_bf16"] = round(
-            result["quantvla_bf16"]["latency_ms"] / result["quantvla_w4a8"]["latency_ms"], 3)
+    for q in ("quantvla_w4a8", "quantvla_w4a16"):
+        if "quantvla_bf16" in result and q in result:
+            result[q]["speedup_vs_quantvla_bf16"] = round(result["quantvla_bf16"]["latency_ms"] / result[q]["latency_ms"], 3)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(path, flush=True)
@@ -238,7 +241,7 @@ def _commit() -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--phase", choices=("all", "cold", "measure"), default="all")
-    ap.add_argument("--variant", choices=VARIANTS, help="for --phase cold")
+    ap.add_argument("--variant", choices=VARIANTS + OPTIONAL_VARIANTS, help="for --phase cold")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--horizon", type=int, default=10, choices=sorted(PRESETS))
     ap.add_argument("--select", choices=("mlp", "all"), default="mlp", help="quantvla selection: pi05_mlp or all_linears")

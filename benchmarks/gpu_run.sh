@@ -25,11 +25,12 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__, t
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # shellcheck disable=SC2046  # every GPU test file, plus the kernel tests that run on CUDA when present
   python3 -m pytest -q -p no:cacheprovider -rs $(ls tests/test_*gpu*.py) tests/test_triton_w4a8.py \
-    tests/test_bitblas_kernel.py tests/test_auto_select.py tests/test_kernel_support.py \
+    tests/test_bitblas_kernel.py tests/test_auto_select.py tests/test_kernel_support.py tests/test_w4a16.py \
     2>&1 | tee "$out/gpu_tests.log"
 fi
 if [ "$what" = ops ] || [ "$what" = all ]; then
-  python3 benchmarks/bench_ops.py --kernels "${KERNELS:-triton,bitblas}" --out "$out/results" 2>&1 | tee "$out/bench_ops.log"
+  # KERNELS may add weight-only runs (w4a16_triton, w4a16_auto); MS the token counts (e.g. 1,10,50,968).
+  python3 benchmarks/bench_ops.py --kernels "${KERNELS:-triton,bitblas}" --ms "${MS:-10,50,968}" --out "$out/results" 2>&1 | tee "$out/bench_ops.log"
   python3 benchmarks/plot_results.py "$out/results/$(ls "$out/results" | head -1)"
 fi
 if [ "$what" = attention ]; then

@@ -22,6 +22,9 @@ def add_selection_flags(p) -> None:
     p.add_argument("--exclude", action="append", metavar="RE", help="regex that vetoes a match (repeatable)")
     p.add_argument("--all-linears", action="store_true", help="select every linear (QuantVLAConfig.all_linears)")
     p.add_argument("--group-size", type=int, help="int4 weight group size (-1: one scale per output channel)")
+    p.add_argument("--scheme", choices=("w4a8", "w4a16"),
+                   help="w4a8 (int4 weights x int8 activations, the default) or w4a16 (weight-only int4; "
+                        "OPENPI_BITBLAS_ENABLE=1); --group-size then sets that scheme's group")
 
 
 def config_from(args) -> QuantVLAConfig:
@@ -33,10 +36,13 @@ def config_from(args) -> QuantVLAConfig:
         over["include"] = tuple(args.include)
     if args.exclude:
         over["exclude"] = tuple(args.exclude)
-    if args.group_size is not None:
-        over["group_size"] = args.group_size
     with user_errors():
-        return QuantVLAConfig.from_env().replace(**over)
+        base = QuantVLAConfig.from_env()
+        scheme = getattr(args, "scheme", None) or base.scheme
+        over["scheme"] = scheme
+        if args.group_size is not None:
+            over["w4a16_group_size" if scheme == "w4a16" else "group_size"] = args.group_size
+        return base.replace(**over)
 
 
 @contextmanager

@@ -35,14 +35,21 @@ def rows(checkpoint, preset, config) -> list[dict]:
         dtype_name, shape = stored.get(fqn + ".weight", ("F32", tuple(mod.weight.shape)))
         n, k = shape
         selected, reason = config.match(fqn)
+        scheme, group = None, None
+        if selected:  # the same rules as the backend's match_linears
+            scheme, by = config.scheme_for(fqn)
+            if by != "scheme":
+                reason += f"; {scheme} by {by}"
+            selected = scheme != "float"
         if selected:
-            why = weight_rule_violation(shape, _DTYPES.get(dtype_name, torch.float32), config.group_size)
+            group = config.group_size_for(scheme, k)
+            why = weight_rule_violation(shape, _DTYPES.get(dtype_name, torch.float32), group)
             if why:
                 selected, reason = False, f"skipped: {why}"
         before = n * k * _BYTES.get(dtype_name, 4)
         out.append({"fqn": fqn, "out_features": n, "in_features": k, "dtype": dtype_name, "quantized": selected,
-                    "reason": reason, "bytes_before": before,
-                    "bytes_after": packed_bytes(n, k, config.group_size) if selected else before})
+                    "scheme": scheme, "group_size": group if selected else None, "reason": reason,
+                    "bytes_before": before, "bytes_after": packed_bytes(n, k, group) if selected else before})
     return out
 
 
@@ -54,8 +61,8 @@ def run(args) -> int:
         return 0
     width = max(len(r["fqn"]) for r in table)
     for r in table:
-        mark = "W4A8" if r["quantized"] else "keep"
-        print(f"{r['fqn']:<{width}}  {r['out_features']:>6}x{r['in_features']:<6} {r['dtype']:<4} {mark}  {r['reason']}")
+        mark = r["scheme"].upper() if r["quantized"] else "keep"
+        print(f"{r['fqn']:<{width}}  {r['out_features']:>6}x{r['in_features']:<6} {r['dtype']:<4} {mark:<5}  {r['reason']}")
     chosen = [r for r in table if r["quantized"]]
     before, after = sum(r["bytes_before"] for r in table), sum(r["bytes_after"] for r in table)
     print(f"\n{len(chosen)} of {len(table)} linears would be quantized; linear weights {before / 2**20:.2f} MiB "
