@@ -4,8 +4,9 @@ A node is *weight-only* when every input is a module parameter/buffer (or a deri
 constant, or another weight-only node, and it is pure (not random, not in place, no grad).  In
 Pi0.5 that is the time embedding -> time MLP -> every adaRMS ``dense`` of every step and layer:
 their input is the fixed timestep schedule.  The weight-only values read by the rest of the
-graph (the *outputs*) are computed by one recipe from the weights and stacked into one flat
-buffer per dtype; the graph reads views of it.  Like packed weights, the buffer is recomputed
+graph (the *outputs*) are computed by one recipe from the weights into one flat buffer per
+dtype; each output is a graph input of its own, a view of that buffer (one input per output keeps
+the kernels of repeated layers identical, see _rewire).  Like packed weights, the buffer is recomputed
 whenever one of its weights changes (derived_inputs.py), so hoisting never bakes a value in.
 
 An output is hoisted only if computing it costs something and keeping it costs little:
@@ -34,7 +35,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from quantvla_fx.graph_utils import LINEAR_TARGETS, propagate_fake
+from quantvla_fx.graph_utils import LINEAR_TARGETS
 from quantvla_fx.rewrite_context import RewriteContext
 
 log = logging.getLogger("quantvla_fx")
@@ -237,7 +238,8 @@ def find_weight_only(gm: fx.GraphModule, ctx: RewriteContext) -> None:
     forced: set[fx.Node] = set()
     while True:  # a selected linear that stays at runtime stays quantized: it cannot be part of a hoist
         plan = plan_hoist(gm.graph, ctx.inputs, forced)
-        stay = {s.node for s in ctx.kept if s.node in plan.nodes and s.node not in plan.removed} - forced
+        in_plan = set(plan.nodes)
+        stay = {s.node for s in ctx.kept if s.node in in_plan and s.node not in plan.removed} - forced
         if not stay:
             break
         forced |= stay
@@ -251,7 +253,7 @@ def find_weight_only(gm: fx.GraphModule, ctx: RewriteContext) -> None:
 
 # -- the pass ----------------------------------------------------------------------------------
 class HoistedRecipe:
-    """weights -> one flat buffer per dtype holding every hoisted output (a derived input's compute).
+    """weights -> every hoisted output, as views of one flat buffer per dtype (a derived input's compute).
 
     ``leaves`` says where each input of the subgraph comes from: ("input", i) the i-th source, or
     ("derived", spec, k, idx) output k of a derived input ``spec`` whose sources are ``idx``.
@@ -275,14 +277,16 @@ class HoistedRecipe:
             return list(self.module(*args))
 
     def __call__(self, *sources: torch.Tensor):
+        """One view per output (in output order), all views of one flat buffer per dtype."""
         outs = self.outputs(*sources)
-        buffers = []
+        views: list = [None] * len(outs)
         for dtype, device, size, entries in self.layout:
             flat = torch.zeros(size, dtype=dtype, device=device)
             for j, offset in entries:
-                flat[offset:offset + outs[j].numel()] = outs[j].reshape(-1)
-            buffers.append(flat)
-        return tuple(buffers)
+                view = flat[offset:offset + outs[j].numel()].view(outs[j].shape)
+                view.copy_(outs[j])
+                views[j] = view
+        return tuple(views)
 
 
 def _layout(outputs: list[fx.Node]) -> list:
@@ -323,12 +327,10 @@ def hoist_weight_only(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule
     if not plan.outputs:
         return gm
     module = _subgraph(plan)
-    sources: list[int] = []
+    sources: dict[int, int] = {}  # graph input position -> its index among the recipe's sources
 
     def source(pos: int) -> int:
-        if pos not in sources:
-            sources.append(pos)
-        return sources.index(pos)
+        return sources.setdefault(pos, len(sources))
 
     leaves, leaf_keys = [], []
     for leaf in plan.leaves:
@@ -346,9 +348,9 @@ def hoist_weight_only(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule
     if why:
         _give_up(ctx, plan, why)
         return gm
-    names = tuple(f"qv_hoisted_{str(dtype).replace('torch.', '')}" for dtype, *_ in layout)
-    buffers = ctx.inputs.add_derived(names, tuple(sources), recipe, recipe.key)
-    _rewire(ctx, plan, layout, buffers)
+    names = tuple(f"qv_hoisted_{o.name}" for o in plan.outputs)
+    views = ctx.inputs.add_derived(names, tuple(sources), recipe, recipe.key)
+    _rewire(ctx, plan, views)
     _report(ctx, plan, layout)
     return gm
 
@@ -385,19 +387,16 @@ def _give_up(ctx: RewriteContext, plan: HoistPlan, why: str) -> None:
             rec.reason = "not quantized: weight-only, planned for hoisting, left in the graph in float (see notes)"
 
 
-def _rewire(ctx: RewriteContext, plan: HoistPlan, layout, buffers) -> None:
+def _rewire(ctx: RewriteContext, plan: HoistPlan, views) -> None:
+    """Each hoisted output becomes a graph input of its own (a view of its dtype's flat buffer).
+
+    Not one buffer input read at offsets: Inductor bakes a view's offset into the kernel that reads
+    it, so every layer and denoise step would get a kernel of its own (hundreds in Pi0.5) instead
+    of sharing one compiled kernel; separate inputs keep the kernels of repeated blocks identical.
+    """
     graph = ctx.gm.graph
-    new: list[fx.Node] = []
-    for (_, _, _, entries), buf in zip(layout, buffers):
-        for j, offset in entries:
-            o = plan.outputs[j]
-            v = o.meta["example_value"]
-            with graph.inserting_before(o):
-                flat = graph.call_function(torch.narrow, (buf, 0, offset, v.numel()))
-                view = graph.call_method("view", (flat, tuple(v.shape)))
-            new += [flat, view]
-            o.replace_all_uses_with(view)
-    propagate_fake(ctx.gm, ctx.inputs.fake_mode, new)
+    for o, view in zip(plan.outputs, views):
+        o.replace_all_uses_with(view)
     for n in reversed(list(graph.nodes)):  # the hoisted nodes, and dead weight-only ones that kept them alive
         if n in plan.weight_only and n.op != "placeholder" and not n.users:
             graph.erase_node(n)

@@ -118,7 +118,7 @@ def substitute_ops(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
         (x, x_q, x_scale), new = _inserted_before(first.node, build_input)
         _finish_nodes(ctx, new, first.node)
         if ctx.weights[first].rows is not None:
-            _one_gemm(ctx, tg, x, x_q, x_scale, kernel, replaced)
+            _one_gemm(ctx, tg, x, x_q, x_scale, kernel, replaced, order)
             continue
         for site in tg.members:
             out_dtype = site.node.meta["example_value"].dtype
@@ -159,10 +159,10 @@ def _replace(graph: fx.Graph, site: LinearSite, y: fx.Node, replaced: dict) -> N
     replaced[site.node] = y
 
 
-def _one_gemm(ctx: RewriteContext, tg, x, x_q, x_scale, kernel, replaced: dict) -> None:
-    """The group's linears as ONE op over their stacked pack; each linear's output is a view of its rows."""
+def _one_gemm(ctx: RewriteContext, tg, x, x_q, x_scale, kernel, replaced: dict, order: dict) -> None:
+    """The group's linears as ONE op over their stacked pack; each linear's output is a view of its rows.
+    ``order``: the position of each original node (linears keep their relative order)."""
     graph = ctx.gm.graph
-    order = {n: i for i, n in enumerate(graph.nodes)}
     members = sorted(tg.members, key=lambda s: order[s.node])
     first, pack = members[0], ctx.weights[members[0]]
     out_dtype = first.node.meta["example_value"].dtype

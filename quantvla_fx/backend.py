@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,7 @@ from .graph_utils import clone_graph_module, fake_mode_of, finish
 from .inference_only import guard_outputs
 from .kernel_support import device_reason
 from .report import ReportBook
+from .stage_timer import StageTimer
 
 log = logging.getLogger("quantvla_fx")
 
@@ -77,22 +79,35 @@ def rewrite(gm: fx.GraphModule, example_inputs: list, config: QuantVLAConfig):
     from .rewrite_context import RewriteContext
 
     graph_id = next(_graph_ids)
-    new_gm = clone_graph_module(gm)
-    ctx = RewriteContext(new_gm, example_inputs, config, graph_id, fake_mode_of(gm), packs=_load_packs(config.packs))
+    timer = StageTimer()
+    with timer.stage("clone"):
+        new_gm = clone_graph_module(gm)
+        ctx = RewriteContext(new_gm, example_inputs, config, graph_id, fake_mode_of(gm), packs=_load_packs(config.packs))
     dumper = GraphDumper(config.dump_dir, graph_id)
-    dumper.dump("dynamo", new_gm)
+    with timer.stage("dumps"):
+        dumper.dump("dynamo", new_gm)
     for a in ANALYSES:
-        a(new_gm, ctx)
+        with timer.stage(a.__name__):
+            a(new_gm, ctx)
         ctx.report.passes.append(a.__name__)
-        dumper.table(a.__name__, ctx.report.analysis_table(a.__name__))
+        with timer.stage("dumps"):
+            dumper.table(a.__name__, ctx.report.analysis_table(a.__name__))
     for p in PASSES:
-        new_gm = p(new_gm, ctx)
+        with timer.stage(p.__name__):
+            new_gm = p(new_gm, ctx)
         ctx.report.passes.append(p.__name__)
-        dumper.dump(p.__name__, new_gm)
-    finish(new_gm)
-    dumper.node_table(new_gm)
+        with timer.stage("dumps"):
+            dumper.dump(p.__name__, new_gm)
+    with timer.stage("finish"):
+        finish(new_gm)
+    with timer.stage("dumps"):
+        dumper.node_table(new_gm)
+    timer.add("packing (derived inputs, within the passes)", ctx.inputs.derive_s)
+    ctx.report.timings_s = timer.rounded()
     report_book(config.dump_dir).add(ctx.report)
     log.info("quantvla: %s%s", ctx.report.summary(), f" (report: {config.dump_dir}/report.md)" if config.dump_dir else "")
+    log.info("quantvla: graph %d rewrite took %.2f s (%d nodes): %s", graph_id,
+             sum(v for k, v in timer.seconds.items() if not k.startswith("packing")), len(new_gm.graph.nodes), timer.line())
     return new_gm, ctx
 
 
@@ -103,12 +118,16 @@ def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
         new_gm, ctx = rewrite(gm, example_inputs, config)
         offload = float_weights.plan(new_gm, ctx.inputs, ctx.inputs.specs, config)  # freed at the first call
         patches = _inductor_patches(mode, config)
+        t0 = time.perf_counter()
         if config.lowering == "eager":
             compiled = new_gm.forward
         elif not ctx.inputs.specs:
-            return compile_fx(new_gm, list(example_inputs), config_patches=patches)
+            compiled = compile_fx(new_gm, list(example_inputs), config_patches=patches)
+            log.info("quantvla: graph %d lowered (AOTAutograd + Inductor) in %.2f s", ctx.graph_id, time.perf_counter() - t0)
+            return compiled
         else:
             compiled = compile_fx(new_gm, list(example_inputs) + _static_fakes(ctx.inputs.values), config_patches=patches)
+            log.info("quantvla: graph %d lowered (AOTAutograd + Inductor) in %.2f s", ctx.graph_id, time.perf_counter() - t0)
     provider = DerivedInputProvider(ctx.inputs.specs, verify_weights=config.verify_weights, on_built=offload)
 
     layers = tuple(dict.fromkeys(s.record.fqn for s in ctx.kept))

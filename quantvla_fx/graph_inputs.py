@@ -7,6 +7,7 @@ recipe that recomputes it when the weight changes (see derived_inputs.py).
 from __future__ import annotations
 
 import re
+import time
 from typing import Hashable, Optional
 
 import torch
@@ -31,6 +32,8 @@ class GraphInputs:
         self._memo: dict[tuple, list[fx.Node]] = {}
         self.origin: dict[fx.Node, tuple[DerivedInput, int]] = {}  # derived placeholder -> (its spec, output index)
         self._names: set[str] = {n.name for n in gm.graph.nodes}
+        self.derive_s = 0.0  # wall time spent computing derived inputs (packing) at this compile
+        self._last: Optional[fx.Node] = None  # the last placeholder added (saves a walk of the graph per input)
 
     def position(self, node) -> Optional[int]:
         """Index of one of Dynamo's placeholders among the graph inputs (None otherwise)."""
@@ -75,12 +78,17 @@ class GraphInputs:
             return memo
         spec = DerivedInput(tuple(self._unique(n) for n in names), sources, compute, key)
         # check_content: every compile packs from the current values, even after a `.data` edit.
+        t0 = time.perf_counter()
         values = PACK_CACHE.get(spec, [self.example[i] for i in sources], check_content=True)
+        self.derive_s += time.perf_counter() - t0
         if len(values) != len(names):
             raise RuntimeError(f"quantvla: derived input {names} produced {len(values)} tensors")
         self.specs.append(spec)
         self.values.extend(values)
-        nodes = [add_input(self.gm, n, v, self.fake_mode) for n, v in zip(spec.names, values)]
+        nodes = []
+        for n, v in zip(spec.names, values):
+            nodes.append(add_input(self.gm, n, v, self.fake_mode, after=self._last_placeholder()))
+            self._last = nodes[-1]
         self.real.update(zip(nodes, values))
         self.origin.update((n, (spec, i)) for i, n in enumerate(nodes))
         self._memo[(key, sources)] = nodes
@@ -89,9 +97,12 @@ class GraphInputs:
     def drop_unused(self) -> int:
         """Remove the derived inputs that no node reads any more (e.g. read only by a hoisted
         subgraph); returns how many placeholders went."""
-        keep, values, dropped = [], [], 0
+        keep, values, dropped, gone = [], [], 0, set()
+        nodes_of: dict[int, list[fx.Node]] = {}
+        for n, (s, _) in self.origin.items():
+            nodes_of.setdefault(id(s), []).append(n)
         for spec in self.specs:
-            nodes = [n for n, (s, _) in self.origin.items() if s is spec]
+            nodes = nodes_of.get(id(spec), [])
             if any(n.users for n in nodes):
                 keep.append(spec)
                 values.extend(self.real[n] for n in sorted(nodes, key=lambda n: self.origin[n][1]))
@@ -99,10 +110,19 @@ class GraphInputs:
             for n in nodes:
                 self.gm.graph.erase_node(n)
                 del self.origin[n], self.real[n]
+                gone.add(n)
                 dropped += 1
-            self._memo = {k: v for k, v in self._memo.items() if v[0] not in nodes}
+        if gone:
+            self._memo = {k: v for k, v in self._memo.items() if v[0] not in gone}
         self.specs, self.values = keep, values
         return dropped
+
+    def _last_placeholder(self) -> Optional[fx.Node]:
+        """The graph's last placeholder if the one remembered still is (None: let add_input look)."""
+        last = self._last
+        if last is None or last._erased or last.graph is not self.gm.graph or last.next.op == "placeholder":
+            return None
+        return last
 
     def _unique(self, name: str) -> str:
         base, i = name, 0

@@ -104,9 +104,11 @@ def last_placeholder(graph: fx.Graph) -> fx.Node:
     return [n for n in graph.nodes if n.op == "placeholder"][-1]
 
 
-def add_input(gm: fx.GraphModule, name: str, real: torch.Tensor, fake_mode) -> fx.Node:
-    """Append a trailing graph input whose example value is a static-shaped fake of ``real``."""
-    with gm.graph.inserting_after(last_placeholder(gm.graph)):
+def add_input(gm: fx.GraphModule, name: str, real: torch.Tensor, fake_mode, after: Optional[fx.Node] = None) -> fx.Node:
+    """Append a trailing graph input whose example value is a static-shaped fake of ``real``.
+
+    ``after``: the last placeholder, when the caller knows it (finding it walks the graph)."""
+    with gm.graph.inserting_after(after if after is not None else last_placeholder(gm.graph)):
         node = gm.graph.placeholder(name)
     node._dynamo_source = None
     node.meta["example_value"] = fake_mode.from_tensor(real, static_shapes=True)

@@ -62,6 +62,7 @@ class GraphReport:
     passes: list[str] = field(default_factory=list)
     hoisted: list[dict] = field(default_factory=list)  # passes/hoist_weight_only.py: what it computes once
     attention: list[AttentionRecord] = field(default_factory=list)  # passes/substitute_attention.py
+    timings_s: dict[str, float] = field(default_factory=dict)  # wall time per rewrite stage (backend.rewrite)
 
     @property
     def quantized(self) -> list[LinearRecord]:
@@ -93,12 +94,14 @@ class GraphReport:
     def to_dict(self) -> dict:
         return {"graph": self.graph, "summary": self.summary(), "passes": self.passes,
                 "notes": self.notes, "hoisted": self.hoisted, "linears": [asdict(r) for r in self.linears],
-                "attention": [asdict(r) for r in self.attention]}
+                "attention": [asdict(r) for r in self.attention], "timings_s": self.timings_s}
 
     def to_markdown(self) -> str:
         lines = [f"## Graph {self.graph}", "", self.summary() + ".", ""]
         if self.passes:
             lines += ["Passes: " + " → ".join(self.passes), ""]
+        if self.timings_s:
+            lines += ["Rewrite time: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings_s.items()), ""]
         for note in self.notes:
             lines.append(f"- {note}")
         if self.notes:
