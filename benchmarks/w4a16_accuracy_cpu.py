@@ -112,14 +112,16 @@ def per_linear(policy, inputs: dict) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/cpu/w4a16_accuracy.json")
+    ap.add_argument("--golden", default=str(GOLDEN), help="a Pi0.5 checkpoint folder with inputs.safetensors")
     ap.add_argument("--search", action="store_true", help="also the searched (GPTQ) packs (minutes)")
     ap.add_argument("--lowering", default="eager", choices=("eager", "inductor"),
                     help="eager: the rewritten graph without Inductor (same kernels and math, faster to compile)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    policy = Pi05.from_pretrained(GOLDEN).eval()
-    obs = Observation.from_safetensors(GOLDEN / "inputs.safetensors")
-    noise = load_file(str(GOLDEN / "inputs.safetensors"))["noise"]
+    golden = Path(args.golden)
+    policy = Pi05.from_pretrained(golden).eval()
+    obs = Observation.from_safetensors(golden / "inputs.safetensors")
+    noise = load_file(str(golden / "inputs.safetensors"))["noise"]
     with torch.no_grad():
         ref = policy.sample_actions(obs, noise=noise)
     mlp = QuantVLAConfig.pi05_mlp(lowering=args.lowering)
@@ -156,7 +158,7 @@ def main():
         actions[f"mlp_w4a16_{name}_fake_eager"] = round(float(compute_error(ref, actions_with_weights(
             policy, obs, noise, fqns, fn))), 2)
     table = per_linear(policy, mlp_inputs(policy, obs, noise, fqns))
-    result = {"model": "openpi golden tiny Pi0.5 (tests/data/pi05_tiny), fp32, CPU", "torch": torch.__version__,
+    result = {"model": str(golden), "device": "cpu", "torch": torch.__version__,
               "lowering": args.lowering, "calibration_s": round(calib_s, 1),
               "note": "tiny K (32-128) <= 128: the default W4A16 group (128) is one group per row here",
               "action_sqnr_db": actions, "per_linear_output_sqnr_db": table}

@@ -63,7 +63,7 @@ def test_auto_picks_a_verified_kernel_and_fp32_runs_the_reference(tmp_path, monk
     monkeypatch.setattr(DEFAULT, "cache_dir", tmp_path)
     n, k = SHAPES["lm_gate_up"]
     kern = resolve_kernel("auto", DEV, n, k, 10, 128, torch.bfloat16)
-    assert kern.name in ("triton", "reference")
+    assert kern.name in ("triton", "dequant", "reference")
     assert kern.name == "triton", "at M=10 the int4 kernel should beat dequantize + fp32 matmul"
     assert resolve_kernel("auto", DEV, n, k, 10, 128, torch.float32).name == "reference"
     assert list(tmp_path.glob("auto_w4a16_*.json"))

@@ -1,6 +1,6 @@
 """The Triton W4A16 kernel in Triton's CPU interpreter (a subprocess: TRITON_INTERPRET must be set
 before triton is imported), against the fp64 truth: per channel and per group (32, 64, 128),
-split-K (2 and 3 splits, an uneven K tail), M from 1 to 33, bf16 and fp16 activations, bf16/fp16
+split-K (2 and 3 splits, an uneven K tail), both nibble pairings (even/odd halves, interleaved), M from 1 to 33, bf16 and fp16 activations, bf16/fp16
 and fp32 outputs, a bias, a strided activation view.  The interpreter runs the dot in fp32 (its
 bf16 arithmetic is not exact); the bf16 tensor-core path is tested on the GPU (test_w4a16_gpu.py)."""
 import importlib.util
@@ -32,7 +32,8 @@ _SCRIPT = textwrap.dedent(
             x = torch.cat([x, x], 1)[:, ::2] if m == 3 else x  # a strided view
             bias = torch.randn(n).to(dtype)
             want = verify.truth(x, w, s, bias)
-            for cfg in [None, W4A16Tile(32, 16, 32), W4A16Tile(16, 16, 16, 2), W4A16Tile(16, 32, 64, 3)]:
+            for cfg in [None, W4A16Tile(32, 16, 32), W4A16Tile(16, 16, 16, 2), W4A16Tile(16, 32, 64, 3),
+                        W4A16Tile(16, 16, 32, 2, interleave=True), W4A16Tile(32, 32, 16, 1, interleave=True)]:
                 for out_dtype in (dtype, torch.float32):
                     run = kern.linear if cfg is None else (lambda *a, cfg=cfg: launch(*a, cfg))
                     why = verify.linear_error(run, x, w, s, bias, out_dtype, want)
@@ -50,4 +51,4 @@ def test_triton_w4a16_kernel_in_the_interpreter():
     if proc.returncode and "only 0-dimensional arrays can be converted to Python scalars" in proc.stderr:
         pytest.skip("this Triton's interpreter cannot run runtime loop bounds under this NumPy")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "checked 80" in proc.stdout
+    assert "checked 120" in proc.stdout

@@ -1,8 +1,9 @@
 """Which kernel runs a W4A16 GEMM: the forced one, or for ``auto`` the fastest verified one.
 
 The W4A8 selector (kernels/select.py) with W4A16's registry, candidates, verification and cache
-file (``auto_w4a16_<gpu>.json``): per (GPU, N, K, M bucket, group size) each candidate is checked
-against the fp64 truth on random data, then timed; ``reference`` is always a candidate.  CPU, and
+file (``auto_w4a16_<gpu>.json``): per (GPU, N, K, M bucket, group size) each candidate (triton,
+dequant = dequantize to bf16 + cuBLAS, reference) is checked against the fp64 truth on random
+data, then timed; ``reference`` is always a candidate.  CPU, and
 activations the Triton kernel does not take (fp32), always run ``reference``.
 """
 from __future__ import annotations
@@ -19,9 +20,10 @@ from . import verify
 
 log = logging.getLogger("quantvla_fx")
 
-MODULES = {"reference": "quantvla_fx.kernels.w4a16.reference", "triton": "quantvla_fx.kernels.w4a16.triton_kernel"}
+MODULES = {"reference": "quantvla_fx.kernels.w4a16.reference", "triton": "quantvla_fx.kernels.w4a16.triton_kernel",
+           "dequant": "quantvla_fx.kernels.w4a16.dequant"}
 REGISTRY = KernelRegistry(MODULES)
-CANDIDATES = ("triton", "reference")
+CANDIDATES = ("triton", "dequant", "reference")  # dequant: bf16 dequantize + cuBLAS, an auto-only GPU fallback
 
 
 class W4A16Selector(Selector):

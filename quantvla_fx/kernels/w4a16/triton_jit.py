@@ -4,7 +4,9 @@ Computed "swapped", like the W4A8 kernel: the decoded weight tile [BLOCK_N, BLOC
 A operand (decoded in registers) and the token tile its B operand, so a handful of tokens still
 fills a 64/128-row MMA with weight rows.  The two nibbles of a byte hold the even and odd k: x is
 read as int32 (two 16-bit values), split into its even/odd halves, and acc += dot(w_lo, x_even) +
-dot(w_hi, x_odd) — no reordering of K anywhere.
+dot(w_hi, x_odd) — no reordering of K anywhere; or (INTERLEAVE) x is read in K order in its own
+dtype and the two nibble halves are interleaved back into K order in registers (join + reshape)
+for one dot.
 
 Decode: ``(nibble | 0x4300)`` read as bf16 is exactly 128 + nibble (``0x6400``: 1024 + nibble in
 fp16), so one OR and one subtraction give the signed value, exact.  Scales: per output channel,
@@ -28,16 +30,18 @@ def _decode(w, X_FP16: tl.constexpr, FAST: tl.constexpr):
     the indexing, masks, groups and split-K, the GPU tests check the bf16 path.
     """
     u = w.to(tl.int16) & 0xFF
+    lo_u = (u & 0xF).to(tl.int16)  # (explicit int16: a literal may promote the expression to int32)
+    hi_u = (u >> 4).to(tl.int16)
     if FAST:
         if X_FP16:
-            lo = (((u & 0xF) | 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(tl.float16)
-            hi = (((u >> 4) | 0x6400).to(tl.float16, bitcast=True) - 1032.0).to(tl.float16)
+            lo = ((lo_u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0).to(tl.float16)
+            hi = ((hi_u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0).to(tl.float16)
         else:
-            lo = (((u & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0).to(tl.bfloat16)
-            hi = (((u >> 4) | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0).to(tl.bfloat16)
+            lo = ((lo_u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0).to(tl.bfloat16)
+            hi = ((hi_u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0).to(tl.bfloat16)
     else:
-        lo = ((u & 0xF) - 8).to(tl.float32)
-        hi = ((u >> 4) - 8).to(tl.float32)
+        lo = (lo_u - 8).to(tl.float32)
+        hi = (hi_u - 8).to(tl.float32)
     return lo, hi
 
 
@@ -78,6 +82,7 @@ def w4a16_kernel(
     HAS_BIAS: tl.constexpr,
     X_FP16: tl.constexpr,
     FAST_DECODE: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -96,29 +101,52 @@ def w4a16_kernel(
     kh_hi = tl.minimum(kh_lo + kh_per_split, KH)
 
     w_ptrs = w_ptr + ld_n[:, None] * stride_wn + (kh_lo + offs_kh)[None, :]
-    x32 = x_ptr.to(tl.pointer_type(tl.int32))
-    x_ptrs = x32 + ld_m[None, :] * (stride_xm // 2) + (kh_lo + offs_kh)[:, None]
+    if INTERLEAVE:
+        offs_k = tl.arange(0, 2 * BLOCK_KH)
+        x_ptrs = x_ptr + ld_m[None, :] * stride_xm + (2 * kh_lo + offs_k)[:, None]
+    else:
+        x32 = x_ptr.to(tl.pointer_type(tl.int32))
+        x_ptrs = x32 + ld_m[None, :] * (stride_xm // 2) + (kh_lo + offs_kh)[:, None]
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kh in range(kh_lo, kh_hi, BLOCK_KH):
         if EVEN_K:
             w = tl.load(w_ptrs)
-            v = tl.load(x_ptrs)
         else:
             w = tl.load(w_ptrs, mask=(kh + offs_kh)[None, :] < KH, other=0)
-            v = tl.load(x_ptrs, mask=(kh + offs_kh)[:, None] < KH, other=0)
         lo, hi = _decode(w, X_FP16, FAST_DECODE)
-        x_even, x_odd = _halves(v, X_FP16, FAST_DECODE)
+        if INTERLEAVE:
+            # x read in its own dtype, K in order (straight into shared memory for the dot); the
+            # two nibble halves interleaved back into K order in registers.
+            if EVEN_K:
+                xt = tl.load(x_ptrs)
+            else:
+                xt = tl.load(x_ptrs, mask=(2 * kh + offs_k)[:, None] < 2 * KH, other=0.0)
+            if not FAST_DECODE:
+                xt = xt.to(tl.float32)
+            wk = tl.join(lo, hi).reshape(BLOCK_N, 2 * BLOCK_KH)
+            if GROUP_KH > 0:
+                p = tl.dot(wk, xt, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(wk, xt, acc, out_dtype=tl.float32)
+            x_ptrs += 2 * BLOCK_KH
+        else:
+            if EVEN_K:
+                v = tl.load(x_ptrs)
+            else:
+                v = tl.load(x_ptrs, mask=(kh + offs_kh)[:, None] < KH, other=0)
+            x_even, x_odd = _halves(v, X_FP16, FAST_DECODE)
+            if GROUP_KH > 0:
+                p = tl.dot(lo, x_even, out_dtype=tl.float32)
+                p = tl.dot(hi, x_odd, p, out_dtype=tl.float32)
+            else:
+                acc = tl.dot(lo, x_even, acc, out_dtype=tl.float32)
+                acc = tl.dot(hi, x_odd, acc, out_dtype=tl.float32)
+            x_ptrs += BLOCK_KH
         if GROUP_KH > 0:
-            p = tl.dot(lo, x_even, out_dtype=tl.float32)
-            p = tl.dot(hi, x_odd, p, out_dtype=tl.float32)
             s = tl.load(ws_ptr + ld_n * stride_sn + kh // GROUP_KH)
             acc += p * s[:, None]
-        else:
-            acc = tl.dot(lo, x_even, acc, out_dtype=tl.float32)
-            acc = tl.dot(hi, x_odd, acc, out_dtype=tl.float32)
         w_ptrs += BLOCK_KH
-        x_ptrs += BLOCK_KH
     acc = tl.trans(acc)  # token-major: stores run along N, contiguous
 
     out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]

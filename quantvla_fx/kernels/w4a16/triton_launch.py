@@ -29,6 +29,7 @@ class W4A16Tile:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    interleave: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,7 +39,8 @@ class W4A16Tile:
         return W4A16Tile(**{k: d[k] for k in W4A16Tile.__dataclass_fields__ if k in d})
 
     def key(self) -> str:
-        return f"n{self.block_n}_m{self.block_m}_kh{self.block_kh}_s{self.split_k}_w{self.num_warps}_st{self.num_stages}"
+        return (f"n{self.block_n}_m{self.block_m}_kh{self.block_kh}_s{self.split_k}_w{self.num_warps}"
+                f"_st{self.num_stages}{'_il' if self.interleave else ''}")
 
 
 def fit_block_kh(block_kh: int, kh: int, group_size: int) -> int:
@@ -93,6 +95,7 @@ def launch(x, w_packed, w_scale, bias, out_dtype, cfg: W4A16Tile) -> torch.Tenso
         HAS_BIAS=bias is not None,
         X_FP16=x.dtype == torch.float16,
         FAST_DECODE=not INTERPRET,
+        INTERLEAVE=cfg.interleave,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -11,11 +11,15 @@ import triton
 from .triton_launch import W4A16Tile
 
 SMALL_M = 64
-# (block_n, block_kh, num_warps, num_stages); BLOCK_M is the bucket.
-SMALL = [(64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4), (128, 128, 8, 3), (32, 128, 4, 4)]
-# (block_n, block_m, block_kh, num_warps, num_stages)
-LARGE = [(128, 128, 32, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3), (256, 128, 32, 8, 3), (128, 256, 32, 8, 3),
-         (64, 128, 64, 4, 4)]
+# (block_n, block_kh, num_warps, num_stages); BLOCK_M is the bucket.  Chosen from an sm_90
+# ahead-of-time compile sweep (registers without spills: 8 warps for 8 KB weight steps; 4 warps
+# spill there); the GPU tuner picks among them.
+# (block_n, block_kh, num_warps, num_stages, interleave)
+SMALL = [(64, 64, 8, 4, False), (128, 64, 8, 4, False), (128, 32, 8, 4, False), (64, 128, 8, 3, False),
+         (64, 64, 4, 4, False), (128, 64, 8, 3, False), (64, 64, 8, 4, True), (128, 64, 8, 4, True)]
+# (block_n, block_m, block_kh, num_warps, num_stages, interleave); 8 warps: 4 spill at 128 x 128
+LARGE = [(128, 128, 32, 8, 3, False), (128, 128, 32, 8, 4, False), (128, 64, 32, 8, 3, False),
+         (128, 64, 64, 8, 3, False), (64, 128, 32, 4, 3, False), (128, 128, 32, 8, 3, True)]
 
 
 def _splits(tiles: int, kh: int, block_kh: int, sm_count: int) -> list[int]:
@@ -32,14 +36,14 @@ def candidates(n: int, k: int, m_bucket: int, group_size: int, sm_count: int = 1
     out = []
     if m_bucket <= SMALL_M:
         bm = max(16, m_bucket)
-        for bn, bkh, warps, stages in SMALL:
+        for bn, bkh, warps, stages, il in SMALL:
             bkh = fit_block_kh(bkh, kh, group_size)
             tiles = triton.cdiv(n, bn)
             for s in _splits(tiles, kh, bkh, sm_count):
-                out.append(W4A16Tile(bn, bm, bkh, s, warps, stages))
+                out.append(W4A16Tile(bn, bm, bkh, s, warps, stages, il))
     else:
-        for bn, bm, bkh, warps, stages in LARGE:
-            out.append(W4A16Tile(bn, bm, fit_block_kh(bkh, kh, group_size), 1, warps, stages))
+        for bn, bm, bkh, warps, stages, il in LARGE:
+            out.append(W4A16Tile(bn, bm, fit_block_kh(bkh, kh, group_size), 1, warps, stages, il))
     return list(dict.fromkeys(out))
 
 
