@@ -36,6 +36,16 @@ def test_triton_matches_truth_on_pi05_shapes(name, group_size):
         assert why is None, (name, m, group_size, why)
 
 
+def test_dequant_fallback_matches_truth():
+    from quantvla_fx.kernels.w4a16.dequant import KERNEL as DEQUANT
+
+    for name in ("lm_gate_up", "expert_down"):
+        n, k = SHAPES[name]
+        for m in (10, 968):
+            x, w, s = verify.random_problem(m, n, k, 128, torch.bfloat16, DEV)
+            assert verify.linear_error(DEQUANT.linear, x, w, s, None, torch.bfloat16) is None, (name, m)
+
+
 def test_fp16_and_fp32_out():
     n, k = SHAPES["expert_down"]
     for m in (3, 200):
