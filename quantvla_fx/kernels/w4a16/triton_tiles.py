@@ -29,6 +29,13 @@ def _splits(tiles: int, kh: int, block_kh: int, sm_count: int) -> list[int]:
     return near[:3] or [max(fits)] if tiles < sm_count else [1]
 
 
+def _spills(bn: int, bm: int, bkh: int, warps: int, interleave: bool, grouped: bool, small: bool) -> bool:
+    """Tiles that spill registers on sm_90 (ahead-of-time compile sweep of every candidate, Triton 3.9)."""
+    if small:
+        return bm >= 32 and (bkh >= 128 or (warps == 4 and bm >= 64) or (interleave and bn >= 128))
+    return grouped and (interleave or (warps == 4 and bn * bm >= 8192))
+
+
 def candidates(n: int, k: int, m_bucket: int, group_size: int, sm_count: int = 132) -> list[W4A16Tile]:
     from .triton_launch import fit_block_kh
 
@@ -38,12 +45,15 @@ def candidates(n: int, k: int, m_bucket: int, group_size: int, sm_count: int = 1
         bm = max(16, m_bucket)
         for bn, bkh, warps, stages, il in SMALL:
             bkh = fit_block_kh(bkh, kh, group_size)
+            if _spills(bn, bm, bkh, warps, il, group_size > 0, True):
+                continue
             tiles = triton.cdiv(n, bn)
             for s in _splits(tiles, kh, bkh, sm_count):
                 out.append(W4A16Tile(bn, bm, bkh, s, warps, stages, il))
     else:
         for bn, bm, bkh, warps, stages, il in LARGE:
-            out.append(W4A16Tile(bn, bm, fit_block_kh(bkh, kh, group_size), 1, warps, stages, il))
+            if not _spills(bn, bm, bkh, warps, il, group_size > 0, False):
+                out.append(W4A16Tile(bn, bm, fit_block_kh(bkh, kh, group_size), 1, warps, stages, il))
     return list(dict.fromkeys(out))
 
 
