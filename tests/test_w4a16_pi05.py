@@ -121,3 +121,19 @@ def test_w4a16_action_sqnr_at_least_w4a8_on_golden(golden_pi05_calibrated):
         w4a16 = float(compute_error(ref, _sample(policy, obs, noise, cfg.replace(scheme="w4a16", w4a16_group_size=group))))
         print(f"golden tiny Pi0.5 actions: W4A8 {w4a8:.2f} dB, W4A16 (group {group}) {w4a16:.2f} dB")
         assert w4a16 >= w4a8, group
+
+
+def test_mixed_schemes_with_duquant_packs_are_exact_without_quantization(golden_pi05_calibrated):
+    """gate_proj W4A16 next to up_proj W4A8 (one input, two groups, one pack transform): the
+    transforms stay exact (smoothing online where the producer is shared) and both schemes run."""
+    policy, obs, noise, packs = golden_pi05_calibrated
+    with torch.no_grad():
+        ref = policy.sample_actions(obs, noise=noise)
+    cfg = QuantVLAConfig.pi05_mlp(packs=packs, layer_schemes={"gate_proj": "w4a16"}, lowering="eager")
+    plain = _sample(policy, obs, noise, cfg.replace(quantize=False))
+    assert float((plain - ref).abs().max()) <= 1e-5
+    got = _sample(policy, obs, noise, cfg)
+    rep = report_book(None).graphs[-1]
+    schemes = {r.fqn.rsplit(".", 1)[1]: r.scheme for r in rep.quantized}
+    assert schemes == {"gate_proj": "w4a16", "up_proj": "w4a8", "down_proj": "w4a8"}
+    assert float(compute_error(ref, got)) >= 20
