@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from quantvla_fx.duquant import DuQuantTransform, PackError
 from quantvla_fx.duquant.permutation import block_maxima, zigzag_permutation
-from quantvla_fx.duquant.rotation import givens_base, greedy_rotation, random_base, swap_index
+from quantvla_fx.duquant.rotation import givens_base, greedy_rotation, greedy_rotations, random_base, swap_index
 from quantvla_fx.duquant.smooth import smooth_scales, weight_column_max
 from quantvla_fx.duquant.transform import block_rotate, restore_output, rotate_weight_rows
 
@@ -89,6 +89,35 @@ def test_greedy_rotation_reduces_peak_and_is_deterministic(exchange):
     assert torch.equal(r, r2)
     r3 = greedy_rotation(x, b, 48, torch.Generator().manual_seed(1), exchange)
     assert not torch.equal(r, r3)
+
+
+def scalar_greedy(x, b, steps, base, exchange):
+    """The greedy search written out one step at a time (the batched search must equal it)."""
+    xs, peaks, ids = x.float().reshape(-1, b), [], []
+    for step in range(steps + 1):
+        flat = xs.reshape(-1)
+        imax, imin = int(flat.argmax()), int(flat.argmin())
+        peaks.append(float(flat[imax]) - float(flat[imin]))
+        pick = imax if abs(float(flat[imax])) > abs(float(flat[imin])) else imin
+        ids.append(pick % b if exchange == "column" else (pick // b) % b)
+        if step < steps:
+            xs = xs @ swap_index(base.float(), 0, ids[-1])
+    keep = min(range(len(peaks)), key=peaks.__getitem__)
+    r = torch.eye(b, dtype=F64)
+    for k in ids[:keep]:
+        r = r @ swap_index(base, 0, k)
+    return r, keep
+
+
+@pytest.mark.parametrize("exchange", ["column", "row"])
+def test_batched_greedy_rotations_equal_one_search_per_input(exchange):
+    b = 32
+    base = random_base(b, torch.Generator().manual_seed(3))
+    xs = torch.stack([outlier_rows(48, 3 * b, channels=ch) for ch in ([3], [40, 77], [5, 6, 90], [])])
+    rots, infos = greedy_rotations(xs, b, 24, base, exchange)
+    for j in range(xs.shape[0]):
+        r, keep = scalar_greedy(xs[j], b, 24, base, exchange)
+        assert infos[j]["steps"] == keep and torch.equal(rots[j], r), j
 
 
 def test_greedy_rotation_keeps_identity_when_nothing_helps():

@@ -17,7 +17,7 @@ so adding or removing other layers does not change a group's transform.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from .collect import InputCollector, stable_seed
 from .packs import FORMAT_VERSION, LayerPack, Packs, Rounding
 from .search import GroupResult, SequentialSearch
 from .permutation import zigzag_permutation
-from .rotation import greedy_rotation
+from .rotation import greedy_rotations, random_base
 from .smooth import DEFAULT_ALPHA, smooth_scales, weight_column_max
 from .transform import DuQuantTransform, block_rotate
 
@@ -55,25 +55,46 @@ def group_transform(name: str, weights: list[Tensor], act_max: Tensor, rows: Ten
                     block_size: int, max_rotation_step: int, seed: int, exchange: str = "column",
                     device: Optional[torch.device] = None, log_level: int = logging.INFO) -> DuQuantTransform:
     """The DuQuant transform of one input group from its statistics."""
+    return group_transforms(name, weights, act_max, rows, alphas=[alpha], block_size=block_size,
+                            max_rotation_step=max_rotation_step, seed=seed, exchange=exchange, device=device,
+                            log_level=log_level)[0]
+
+
+def group_transforms(name: str, weights: list[Tensor], act_max: Tensor, rows: Tensor, *,
+                     alphas: Sequence[Optional[float]], block_size: int, max_rotation_step: int, seed: int,
+                     exchange: str = "column", device: Optional[torch.device] = None,
+                     log_level: int = logging.INFO) -> list[DuQuantTransform]:
+    """One DuQuant transform per smoothing strength in ``alphas`` (None = no smoothing), each
+    exactly what group_transform gives for it; the greedy rotations of all run as one batch (they
+    share the group's random bases: same seed, same draws)."""
     k = act_max.shape[0]
-    smooth = None if alpha is None else smooth_scales(act_max, weight_column_max(weights), alpha)
+    w_max = weight_column_max(weights) if any(a is not None for a in alphas) else None
+    smooths = [None if a is None else smooth_scales(act_max, w_max, a) for a in alphas]
     if k % block_size:
         log.log(log_level, "DuQuant %s: K=%d is not a multiple of block_size=%d; no rotation (smoothing only)", name, k, block_size)
-        return DuQuantTransform(in_features=k, block_size=block_size, smooth=smooth)
+        return [DuQuantTransform(in_features=k, block_size=block_size, smooth=s) for s in smooths]
     gen = torch.Generator().manual_seed(stable_seed(seed, name))
+    base1, base2 = random_base(block_size, gen), random_base(block_size, gen)  # rot1's draw, then rot2's
     x = rows.to(device=device, dtype=torch.float32)
-    if smooth is not None:
-        x = x / smooth.to(x.device)
-    info1, info2 = {}, {}
-    rot1 = greedy_rotation(x, block_size, max_rotation_step, gen, exchange, info1).to(torch.float32).unsqueeze(0)
-    x1 = block_rotate(x, rot1.to(x.device))
-    perm = zigzag_permutation(x1.abs().amax(dim=0), block_size)
-    x2 = x1.index_select(-1, perm.to(x1.device))
-    rot2 = greedy_rotation(x2, block_size, max_rotation_step, gen, exchange, info2).to(torch.float32).unsqueeze(0)
-    x3 = block_rotate(x2, rot2.to(x2.device))
-    log.log(log_level, "DuQuant %s: K=%d, %d rows; peak raw %.4g -> smoothed %.4g -> rot1 %.4g (%d steps) -> rot2 %.4g (%d steps)",
-             name, k, rows.shape[0], _peak(rows), _peak(x), _peak(x1), info1["steps"], _peak(x3), info2["steps"])
-    return DuQuantTransform(in_features=k, block_size=block_size, smooth=smooth, rot1=rot1, perm=perm, rot2=rot2)
+    xs = torch.stack([x if s is None else x / s.to(x.device) for s in smooths])
+    rot1s, info1 = greedy_rotations(xs, block_size, max_rotation_step, base1, exchange)
+    rot1s = rot1s.to(torch.float32).unsqueeze(1)  # [C, 1, B, B]: one shared matrix per candidate
+    x1s = [block_rotate(xs[j], rot1s[j].to(x.device)) for j in range(len(alphas))]
+    perms = [zigzag_permutation(x1.abs().amax(dim=0), block_size) for x1 in x1s]
+    x2s = torch.stack([x1.index_select(-1, p.to(x1.device)) for x1, p in zip(x1s, perms)])
+    rot2s, info2 = greedy_rotations(x2s, block_size, max_rotation_step, base2, exchange)
+    rot2s = rot2s.to(torch.float32).unsqueeze(1)
+    out = []
+    for j, smooth in enumerate(smooths):
+        if log.isEnabledFor(log_level):
+            x3 = block_rotate(x2s[j], rot2s[j].to(x.device))
+            log.log(log_level, "DuQuant %s%s: K=%d, %d rows; peak raw %.4g -> smoothed %.4g -> rot1 %.4g (%d steps) -> "
+                    "rot2 %.4g (%d steps)", name, "" if alphas[j] is None else f" (alpha {alphas[j]:g})", k,
+                    rows.shape[0], _peak(rows), _peak(xs[j]), _peak(x1s[j]), info1[j]["steps"], _peak(x3),
+                    info2[j]["steps"])
+        out.append(DuQuantTransform(in_features=k, block_size=block_size, smooth=smooth, rot1=rot1s[j],
+                                    perm=perms[j], rot2=rot2s[j]))
+    return out
 
 
 def calibrate(model: nn.Module, batches: Iterable[Any], config, *, alpha: Optional[float] = DEFAULT_ALPHA,
@@ -180,16 +201,22 @@ def _search(model, batches, run, linears, collector, config, grid, n_batches, *,
                 _run_batch(model, batch, run)
         return len(batches)
 
-    def build(name: str, weights, data: GroupData, c: TransformChoice) -> Optional[DuQuantTransform]:
+    def build(name: str, weights, data: GroupData, choices: list[TransformChoice]) -> list[Optional[DuQuantTransform]]:
         k = data.act_max.shape[0]
-        if c.block_size is None and c.alpha is None:
-            return None
-        if c.block_size is None:
-            smooth = smooth_scales(data.act_max, weight_column_max(weights), c.alpha)
-            return DuQuantTransform(in_features=k, block_size=k, smooth=smooth)
-        return group_transform(name, weights, data.act_max, data.rows, alpha=c.alpha, block_size=c.block_size,
-                               max_rotation_step=max_rotation_step, seed=c.seed, exchange=exchange,
-                               device=device if device is not None else weights[0].device, log_level=logging.DEBUG)
+        out: dict[TransformChoice, Optional[DuQuantTransform]] = {}
+        rotated: dict[tuple[int, int], list[TransformChoice]] = {}  # one batched search per (B, seed)
+        for c in choices:
+            if c.block_size is None:
+                out[c] = None if c.alpha is None else DuQuantTransform(
+                    in_features=k, block_size=k, smooth=smooth_scales(data.act_max, weight_column_max(weights), c.alpha))
+            else:
+                rotated.setdefault((c.block_size, c.seed), []).append(c)
+        for (b, s), cs in rotated.items():
+            ts = group_transforms(name, weights, data.act_max, data.rows, alphas=[c.alpha for c in cs], block_size=b,
+                                  max_rotation_step=max_rotation_step, seed=s, exchange=exchange,
+                                  device=device if device is not None else weights[0].device, log_level=logging.DEBUG)
+            out.update(zip(cs, ts))
+        return [out[c] for c in choices]
 
     group_size = int(getattr(config, "group_size", -1))
     searcher = SequentialSearch(linears, run_batches, grid, build, group_size=group_size,

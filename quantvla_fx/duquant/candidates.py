@@ -155,8 +155,8 @@ def search_group(name: str, weights: list[Tensor], data: GroupData, grid: Search
                  group_size: int, weight_rounding: str, damp: float = 0.01, act_order: bool = False) -> list[Scored]:
     """Every candidate of one group, scored; best first (ties keep the grid order: RTN first).
 
-    ``build(choice) -> DuQuantTransform | None`` computes a candidate transform from the group's
-    statistics (calibrate.py's smoothing and greedy rotations).
+    ``build(choices) -> [DuQuantTransform | None]`` computes candidate transforms from the group's
+    statistics (calibrate.py's smoothing and greedy rotations, batched over the choices).
     """
     x = data.rows.to(weights[0].device, torch.float32)
     y_ref = x @ torch.cat([w.detach().float() for w in weights]).T
@@ -176,18 +176,16 @@ def search_group(name: str, weights: list[Tensor], data: GroupData, grid: Search
     clips = tuple(dict.fromkeys((1.0,) + tuple(grid.clips)))
     per_transform: dict[TransformChoice, tuple[DuQuantTransform | None, float]] = {}
 
-    def try_transform(choice: TransformChoice) -> None:
-        t = build(choice)
-        xq = fake_input(x, t)
-        top = max(add(Recipe(choice, clip, "rtn"), t, xq, quantize_members(weights, t, clip, group_size, "rtn"))
-                  for clip in clips)
-        per_transform[choice] = (t, top)
+    def try_transforms(choices: list[TransformChoice]) -> None:
+        for choice, t in zip(choices, build(choices)):
+            xq = fake_input(x, t)
+            top = max(add(Recipe(choice, clip, "rtn"), t, xq, quantize_members(weights, t, clip, group_size, "rtn"))
+                      for clip in clips)
+            per_transform[choice] = (t, top)
 
-    for choice in smoothing_choices(grid):
-        try_transform(choice)
+    try_transforms(smoothing_choices(grid))
     smoothed = sorted((c for c in per_transform if c.alpha is not None), key=lambda c: -per_transform[c][1])
-    for choice in rotation_choices(k, grid, [c.alpha for c in smoothed[:grid.rotate_alphas]]):
-        try_transform(choice)
+    try_transforms(rotation_choices(k, grid, [c.alpha for c in smoothed[:grid.rotate_alphas]]))
     if weight_rounding == "gptq":
         if data.hessian is None:
             raise ValueError(f"search {name}: GPTQ rounding needs the group's Hessian")

@@ -62,14 +62,14 @@ def random_base(n: int, generator: torch.Generator) -> Tensor:
     return givens_base(n) @ bq
 
 
-def _peak_and_exchange(x: Tensor, exchange: str) -> tuple[float, int]:
-    b = x.shape[-1]
-    imax, imin = int(x.argmax()), int(x.argmin())
-    flat = x.reshape(-1)
-    vmax, vmin = float(flat[imax]), float(flat[imin])
-    pick = imax if abs(vmax) > abs(vmin) else imin
-    r, c = divmod(pick, b)
-    return vmax - vmin, (c if exchange == "column" else r % b)
+def swapped_bases(base: Tensor) -> Tensor:
+    """[B, B, B]: entry k is ``swap_index(base, 0, k)`` (every base a greedy step can pick)."""
+    b = base.shape[0]
+    ar = torch.arange(b, device=base.device)
+    idx = ar.repeat(b, 1)  # row k: 0..B-1 with 0 and k swapped
+    idx[ar, 0] = ar
+    idx[ar, ar] = 0
+    return base[idx[:, :, None], idx[:, None, :]]
 
 
 def greedy_rotation(x: Tensor, block_size: int, max_steps: int, generator: torch.Generator,
@@ -79,25 +79,53 @@ def greedy_rotation(x: Tensor, block_size: int, max_steps: int, generator: torch
     ``info`` (optional dict) receives ``peaks`` (the peak before each step and after the last)
     and ``steps`` (the length of the kept prefix).
     """
+    _check(x, block_size, exchange)
+    rots, infos = greedy_rotations(x.unsqueeze(0), block_size, max_steps, random_base(block_size, generator), exchange)
+    if info is not None:
+        info.update(infos[0])
+    return rots[0]
+
+
+def greedy_rotations(xs: Tensor, block_size: int, max_steps: int, base: Tensor,
+                     exchange: str = "column") -> tuple[Tensor, list[dict]]:
+    """The greedy search for C inputs at once: ``xs`` [C, T, K] -> ([C, B, B] fp64, C info dicts).
+
+    Every input starts from the same ``base`` (a calibration search's candidates of one group and
+    block size share their random base: same seed, same draws), so one step is a handful of
+    batched ops for all C, and the loop never waits for the device (no per-step host sync).
+    """
+    _check(xs[0], block_size, exchange)
+    c = xs.shape[0]
+    # The search runs in fp32 on the data's device; the kept product is rebuilt in fp64.
+    x = xs.detach().to(torch.float32).reshape(c, -1, block_size)
+    bases = swapped_bases(base.to(device=x.device, dtype=torch.float32))
+    peaks = torch.empty(max_steps + 1, c, dtype=torch.float64, device=x.device)
+    ids = torch.empty(max_steps + 1, c, dtype=torch.int64, device=x.device)
+    for step in range(max_steps + 1):
+        flat = x.reshape(c, -1)
+        vmax, imax = flat.max(dim=1)
+        vmin, imin = flat.min(dim=1)
+        peaks[step] = vmax.double() - vmin.double()  # as the scalar version did it, in fp64
+        # The exchanged index: the channel (column) of the extreme entry, or DuQuant's row index.
+        pick = torch.where(vmax.abs() > vmin.abs(), imax, imin)
+        ids[step] = pick % block_size if exchange == "column" else (pick // block_size) % block_size
+        if step < max_steps:
+            x = torch.bmm(x, bases[ids[step]])
+    keep = torch.argmin(peaks, dim=0).tolist()  # first minimum: the shortest best prefix
+    peaks_l, ids_l = peaks.T.tolist(), ids.T.tolist()
+    bases64 = swapped_bases(base.to(torch.float64).cpu())
+    rots, infos = [], []
+    for j in range(c):
+        r = torch.eye(block_size, dtype=torch.float64)
+        for k in ids_l[j][:keep[j]]:
+            r = r @ bases64[k]
+        rots.append(r)
+        infos.append({"peaks": peaks_l[j], "steps": keep[j]})
+    return torch.stack(rots), infos
+
+
+def _check(x: Tensor, block_size: int, exchange: str) -> None:
     if exchange not in EXCHANGE_MODES:
         raise ValueError(f"exchange={exchange!r}: choose one of {EXCHANGE_MODES}")
     if x.shape[-1] % block_size:
         raise ValueError(f"K={x.shape[-1]} is not a multiple of block_size={block_size}")
-    base64 = random_base(block_size, generator)
-    # The search runs in fp32 on the data's device; the kept product is rebuilt in fp64.
-    xs = x.detach().to(torch.float32).reshape(-1, block_size)
-    base = base64.to(device=xs.device, dtype=torch.float32)
-    peaks, ids = [], []
-    for step in range(max_steps + 1):
-        peak, k = _peak_and_exchange(xs, exchange)
-        peaks.append(peak)
-        ids.append(k)
-        if step < max_steps:
-            xs = xs @ swap_index(base, 0, k)
-    keep = int(torch.argmin(torch.tensor(peaks)))  # first minimum: the shortest best prefix
-    r = torch.eye(block_size, dtype=torch.float64)
-    for k in ids[:keep]:
-        r = r @ swap_index(base64, 0, k)
-    if info is not None:
-        info.update(peaks=peaks, steps=keep)
-    return r

@@ -101,7 +101,7 @@ class SequentialSearch:
     linears: dict[str, nn.Linear]
     run_batches: Callable[[], int]
     grid: SearchGrid
-    build: Callable[[str, list[Tensor], GroupData, TransformChoice], DuQuantTransform | None]
+    build: Callable[[str, list[Tensor], GroupData, list[TransformChoice]], list[DuQuantTransform | None]]
     group_size: int = -1
     weight_rounding: str = "rtn"
     rows: int = 512
