@@ -43,7 +43,7 @@ def main():
     model = inject_outlier_channels(init_toy_gemma(ToyGemma(dim=d, hidden=4 * d, layers=2, heads=8, head_dim=d // 8))).eval()
     cfg = QuantVLAConfig(include=(r"mlp\.",))
     batches = [torch.randn(1, args.tokens, d) for _ in range(4)]
-    packs = calibrate(model, batches, cfg, block_size=args.block, alpha=0.5, weight_clip=0.9)
+    packs = calibrate(model, batches, cfg, block_size=args.block, alpha=0.5, weight_clip=0.9, search=False)
     t0 = time.perf_counter()
     searched = calibrate(model, batches, cfg, block_size=args.block, search=True, weight_rounding=args.rounding)
     search_s = time.perf_counter() - t0

@@ -39,7 +39,7 @@ def measure(depth: int, select: str, lowering: str, duquant: bool, steps: int) -
     make = QuantVLAConfig.all_linears if select == "all" else QuantVLAConfig.pi05_mlp
     qcfg = make(lowering=lowering)
     if duquant:
-        packs = calibrate(model, [(obs,)], qcfg, block_size=32, progress=False,
+        packs = calibrate(model, [(obs,)], qcfg, block_size=32, progress=False, search=False,
                           run=lambda m, b: m.sample_actions(*b, noise=noise))
         qcfg = qcfg.replace(packs=packs)
 

@@ -130,10 +130,11 @@ def main():
     batches = [(jitter(obs, s),) for s in range(4)]
     run = lambda m, b: m.sample_actions(*b, noise=noise)  # noqa: E731
     packs = {"rtn": None,
-             "duquant": calibrate(policy, batches, mlp, run=run, block_size=32, progress=False),
+             "duquant": calibrate(policy, batches, mlp, run=run, block_size=32, progress=False, search=False),
              # rotations only (no smoothing: it moves activation range into the weights, which
              # weight-only quantization then pays for)
-             "duquant_rot_only": calibrate(policy, batches, mlp, run=run, block_size=32, progress=False, alpha=None)}
+             "duquant_rot_only": calibrate(policy, batches, mlp, run=run, block_size=32, progress=False, alpha=None,
+                                           search=False)}
     if args.search:
         packs["searched_gptq"] = calibrate(policy, batches, mlp, run=run, block_size=32, progress=False,
                                            search=True, weight_rounding="gptq")

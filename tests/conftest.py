@@ -25,6 +25,6 @@ def golden_pi05_calibrated():
     policy = Pi05.from_pretrained(golden).eval()
     obs = Observation.from_safetensors(golden / "inputs.safetensors")
     noise = load_file(str(golden / "inputs.safetensors"))["noise"]
-    packs = calibrate(policy, [(obs,)], QuantVLAConfig.pi05_mlp(), block_size=32, progress=False,
+    packs = calibrate(policy, [(obs,)], QuantVLAConfig.pi05_mlp(), block_size=32, progress=False, search=False,
                       run=lambda m, b: m.sample_actions(*b, noise=noise))
     return policy, obs, noise, packs

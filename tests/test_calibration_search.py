@@ -214,7 +214,7 @@ def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="weight_rounding"):
         calibrate(m, batches(1, (1, 4, 64), 1), CFG, search=True, weight_rounding="nearest", progress=False)
     with pytest.raises(ValueError, match="needs search=True"):
-        calibrate(m, batches(1, (1, 4, 64), 1), CFG, weight_rounding="gptq", progress=False)
+        calibrate(m, batches(1, (1, 4, 64), 1), CFG, weight_rounding="gptq", search=False, progress=False)
     with pytest.raises(ValueError, match="clip"):
         SearchGrid(clips=(1.2,))
 

@@ -88,7 +88,7 @@ def toy_batches(n=4, seed=1):
 
 
 CFG = QuantVLAConfig(include=(r"(mlp|self_attn|in_proj)",), exclude=())
-KW = dict(block_size=B, max_rotation_step=64, rotation_rows=256, progress=False)
+KW = dict(block_size=B, max_rotation_step=64, rotation_rows=256, progress=False, search=False)
 MLP_ = "layers.0.mlp."
 ATT = "layers.0.self_attn."
 

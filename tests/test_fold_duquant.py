@@ -18,7 +18,7 @@ def outlier_model_and_packs():
     m = inject_outlier_channels(init_toy_gemma(m), channels=(3, 17, 40, 200), factor=80).eval()
     batches = [torch.randn(2, 32, 256, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     # alpha 0.5 is DuQuant's main.py default (0.6 in its W4A4 run.sh); clip 0.9 of the weight range.
-    packs = calibrate(m, batches, CFG, block_size=64, alpha=0.5, weight_clip=0.9, progress=False)
+    packs = calibrate(m, batches, CFG, block_size=64, alpha=0.5, weight_clip=0.9, progress=False, search=False)
     return m, packs
 
 

@@ -151,7 +151,7 @@ class AdaNormMLP(nn.Module):
 
 
 def _fold_notes(model, args):
-    packs = calibrate(model, [args], CFG, block_size=32, progress=False)
+    packs = calibrate(model, [args], CFG, block_size=32, progress=False, search=False)
     torch._dynamo.reset()
     with torch.no_grad():
         opts = CFG.replace(packs=packs, quantize=False, lowering="eager").to_options()

@@ -24,4 +24,4 @@ def test_readme_python_blocks_run(capsys):
     out = capsys.readouterr().out
     assert "torch.Size([4, 64])" in out and "torch.Size([2, 10, 32])" in out
     sqnr = float(re.search(r"action SQNR (\S+) dB", out).group(1))
-    assert "12 layers calibrated" in out and sqnr > 21.0  # 22.4 dB when written
+    assert "12 layers calibrated" in out and sqnr > 22.0  # 22.7 dB with the default search (one-recipe DuQuant: 22.4)

@@ -23,12 +23,13 @@ def add_calibrate(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="smoothing strength (0 disables smoothing; default 0.5)")
     p.add_argument("--block-size", type=int, default=128, help="rotation block size (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rotation bases (default 0)")
-    p.add_argument("--search", action="store_true",
-                   help="per input group, pick the best of a grid of recipes (RTN, smoothing, rotations, DuQuant x "
-                        "weight clip), scored sequentially on the group's W4A8 outputs; never worse than RTN on the "
+    p.add_argument("--no-search", dest="search", action="store_false",
+                   help="one DuQuant recipe (--alpha, --block-size) for every group, as DuQuant's scripts. By default "
+                        "each input group gets the best of a grid of recipes (RTN, smoothing, rotations, DuQuant x "
+                        "weight clip), scored sequentially on the group's W4A8 outputs: never worse than RTN on the "
                         "calibration data (one pass over the data per group)")
     p.add_argument("--weight-rounding", choices=("rtn", "gptq"), default="rtn",
-                   help="with --search: round int4 weights to nearest (default) or with GPTQ's error feedback "
+                   help="round int4 weights to nearest (default) or with GPTQ's error feedback "
                         "(the int4 values are stored in the pack, valid for these weights only)")
     p.set_defaults(run=run)
 
@@ -53,7 +54,7 @@ def run(args) -> int:
     from ..models.pi05 import Observation, Pi05
 
     if args.weight_rounding == "gptq" and not args.search:
-        raise UserError("--weight-rounding gptq needs --search (the search picks the rounding per group)")
+        raise UserError("--weight-rounding gptq cannot go with --no-search (the search picks the rounding per group)")
     config = config_from(args)
     files = _data_files(args)
     with user_errors():

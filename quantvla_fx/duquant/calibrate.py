@@ -1,9 +1,10 @@
 """calibrate(model, batches, config) -> Packs: one W4A8 recipe per input group.
 
-With ``search=True`` each group gets the best of a grid of recipes (none = RTN, smoothing
-only, rotations only, full DuQuant; x weight clip; x RTN or GPTQ rounding), scored sequentially on
-its quantized outputs (search.py, candidates.py). ``search=False`` (the default) builds the one
-DuQuant transform below for every group, as DuQuant does.
+By default (``search=True``) each group gets the best of a grid of recipes (none = RTN,
+smoothing only, rotations only, full DuQuant; x weight clip; x RTN or GPTQ rounding), scored
+sequentially on its quantized outputs (search.py, candidates.py), so no group is worse than RTN on
+the calibration data. ``search=False`` builds the one DuQuant transform below for every group, as
+DuQuant's scripts do (it can lose to RTN: int4 weights dominate W4A8's error).
 
 A DuQuant transform, per group (linears that read the same input tensor, e.g. gate/up or q/k/v):
   1. smoothing s from the per-channel activation max and the group's weight column max (smooth.py);
@@ -100,7 +101,7 @@ def group_transforms(name: str, weights: list[Tensor], act_max: Tensor, rows: Te
 def calibrate(model: nn.Module, batches: Iterable[Any], config, *, alpha: Optional[float] = DEFAULT_ALPHA,
               block_size: int = 128, max_rotation_step: int = 256, weight_clip: float = 1.0, seed: int = 0,
               rotation_rows: int = 512, exchange: str = "column", run: Optional[Callable] = None,
-              progress: bool = True, device: Optional[torch.device] = None, search: bool = False,
+              progress: bool = True, device: Optional[torch.device] = None, search: bool = True,
               grid: Optional[SearchGrid] = None, weight_rounding: str = "rtn", act_order: bool = False,
               damp: float = 0.01) -> Packs:
     """Run ``batches`` through ``model`` and compute DuQuant packs for the linears ``config`` selects.
@@ -115,10 +116,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any], config, *, alpha: Option
         token rows per group for the rotation search.  exchange: "column" (default) or "row"
         (DuQuant's code; see rotation.py).  device: where the rotation search runs (default: the
         device of the group's first weight).
-    search: True: the sequential per-group search (module docstring; never worse than RTN on the
-        calibration rows); its grid is ``grid``, by default SearchGrid() with ``alpha``,
-        ``block_size``, ``weight_clip`` added and ``seed`` as the rotation seed. False (default, as
-        before): one DuQuant transform with those parameters for every group.
+    search: True (default): the sequential per-group search (module docstring; never worse than
+        RTN on the calibration rows); its grid is ``grid``, by default SearchGrid() with ``alpha``,
+        ``block_size``, ``weight_clip`` added and ``seed`` as the rotation seed. False: one DuQuant
+        transform with those parameters for every group (DuQuant's scripts).
     weight_rounding: "rtn" or "gptq" (search only: GPTQ int4 values are stored in the pack, valid
         for the float weights they came from). act_order, damp: GPTQ's column order and damping.
     Batches are run once per group (plus once) when searching: pass a list, not an iterator (an
