@@ -9,6 +9,8 @@ Variants (same model object, same inputs):
   quantvla_bf16   the quantvla backend with ``quantize=False``: every rewrite, no quantization
   quantvla_w4a8   the quantvla backend as shipped (W4A8 on the default selection)
   quantvla_w4a16  (optional, not in the default list) weight-only W4A16, group 128 (the seeds' W4FP16)
+  quantvla_w4a8_regions  (optional) quantvla_w4a8 with ``compile_regions=True`` (each distinct
+                  layer lowered once): its compile_cold_s and latency against quantvla_w4a8's
 each compiled the way a user would run a policy: with CUDA graphs (``cudagraphs=True``).
 
 Phase ``cold``: one variant in this (new) process with an empty Inductor/Triton cache of its own
@@ -36,7 +38,7 @@ import time
 import torch
 
 VARIANTS = ("inductor_bf16", "quantvla_bf16", "quantvla_w4a8")
-OPTIONAL_VARIANTS = ("quantvla_w4a16",)  # --variants ...,quantvla_w4a16
+OPTIONAL_VARIANTS = ("quantvla_w4a16", "quantvla_w4a8_regions")  # --variants ...,quantvla_w4a16
 PRESETS = {10: "pi05_libero", 15: "pi05_droid", 50: "pi05_base"}
 
 
@@ -71,8 +73,9 @@ def quant_config(variant: str, args):
 
     make = QuantVLAConfig.all_linears if args.select == "all" else QuantVLAConfig.pi05_mlp
     dump = os.path.join(args.dump_dir, variant) if args.dump_dir else None
-    return make(kernel=args.kernel, cudagraphs=True, quantize=variant in ("quantvla_w4a8", "quantvla_w4a16"),
-                scheme="w4a16" if variant == "quantvla_w4a16" else "w4a8", dump_dir=dump)
+    return make(kernel=args.kernel, cudagraphs=True, quantize=variant != "quantvla_bf16",
+                scheme="w4a16" if variant == "quantvla_w4a16" else "w4a8", dump_dir=dump,
+                compile_regions=variant.endswith("_regions"))
 
 
 def compile_variant(variant: str, model, args):
@@ -223,6 +226,9 @@ def phase_measure(args) -> None:
     for v in VARIANTS[1:] + OPTIONAL_VARIANTS:
         if base and v in result:
             result[v]["speedup_vs_inductor_bf16"] = round(base / result[v]["latency_ms"], 3)
+    if "quantvla_w4a8" in result and "quantvla_w4a8_regions" in result:
+        r = result["quantvla_w4a8_regions"]
+        r["latency_vs_unrolled"] = round(r["latency_ms"] / result["quantvla_w4a8"]["latency_ms"], 3)
     for q in ("quantvla_w4a8", "quantvla_w4a16"):
         if "quantvla_bf16" in result and q in result:
             result[q]["speedup_vs_quantvla_bf16"] = round(result["quantvla_bf16"]["latency_ms"] / result[q]["latency_ms"], 3)

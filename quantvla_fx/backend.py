@@ -31,6 +31,7 @@ from .dump import GraphDumper
 from .graph_utils import clone_graph_module, fake_mode_of, finish
 from .inference_only import guard_outputs
 from .kernel_support import device_reason
+from .regions import lower_by_region
 from .report import ReportBook
 from .stage_timer import StageTimer
 
@@ -119,8 +120,15 @@ def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
         offload = float_weights.plan(new_gm, ctx.inputs, ctx.inputs.specs, config)  # freed at the first call
         patches = _inductor_patches(mode, config)
         t0 = time.perf_counter()
+        plan = None
+        by_region = _regions(new_gm, example_inputs, ctx, patches) \
+            if config.compile_regions and config.lowering != "eager" else None
         if config.lowering == "eager":
             compiled = new_gm.forward
+        elif by_region is not None:
+            compiled, plan = by_region
+            log.info("quantvla: graph %d lowered by region (AOTAutograd + Inductor) in %.2f s", ctx.graph_id,
+                     time.perf_counter() - t0)
         elif not ctx.inputs.specs:
             compiled = compile_fx(new_gm, list(example_inputs), config_patches=patches)
             log.info("quantvla: graph %d lowered (AOTAutograd + Inductor) in %.2f s", ctx.graph_id, time.perf_counter() - t0)
@@ -136,8 +144,21 @@ def quantvla_backend(gm: fx.GraphModule, example_inputs: list, options: Optional
         return guard_outputs(compiled(*args, *provider(args)), args, layers)
 
     run.quantvla_report = ctx.report  # for tests and debugging
+    run.quantvla_regions = plan  # regions.RegionPlan with compile_regions, else None
     run.quantvla_provider = provider
     return run
+
+
+def _regions(gm, example_inputs, ctx, patches):
+    """(callable, RegionPlan) from regions.lower_by_region, or None when the graph cannot be split."""
+    tc = torch._guards.TracingContext.try_get()
+    fake_mode = tc.fake_mode if tc is not None and tc.fake_mode is not None else fake_mode_of(gm)
+    compiled, plan = lower_by_region(gm, list(example_inputs) + list(ctx.inputs.values), fake_mode,
+                                     lambda g, args: compile_fx(g, args, config_patches=patches))
+    if plan is None:
+        return None
+    GraphDumper(ctx.config.dump_dir, ctx.graph_id).write("regions.md", plan.table())
+    return compiled, plan
 
 
 def _static_fakes(values: list) -> list:

@@ -34,6 +34,12 @@ class GraphDumper:
             f.write(f"# quantvla analysis '{stage}' (the graph is unchanged)\n\n{markdown}")
         self.step += 1
 
+    def write(self, name: str, markdown: str) -> None:
+        """A named page of this graph's dumps (e.g. ``regions.md`` from the lowering)."""
+        if self.dir:
+            with open(os.path.join(self.dir, name), "w") as f:
+                f.write(markdown)
+
     def node_table(self, gm: fx.GraphModule) -> None:
         if not self.dir:
             return
