@@ -15,7 +15,7 @@ from .triton_common import as_bytes, attend_range, block_d
 
 
 @triton.jit
-def _split_kernel(Q, K, V, KVALID, QVALID, OUT, OPART, MPART, LPART,
+def _attention_splitkv_kernel(Q, K, V, KVALID, QVALID, OUT, OPART, MPART, LPART,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_vb, stride_vh, stride_vn, stride_vd,
@@ -61,7 +61,7 @@ def _split_kernel(Q, K, V, KVALID, QVALID, OUT, OPART, MPART, LPART,
 
 
 @triton.jit
-def _merge_kernel(OUT, OPART, MPART, LPART, stride_ob, stride_oh, stride_om, stride_od,
+def _attention_merge_kernel(OUT, OPART, MPART, LPART, stride_ob, stride_oh, stride_om, stride_od,
                   LQ, G, HKV, NUM_SPLITS, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -143,7 +143,7 @@ def attention(q, k, v, key_valid, query_valid, scale: float, **tiles):
     lpart = torch.empty(shape, dtype=torch.float32, device=q.device)
     kvb, qvb = as_bytes(key_valid), as_bytes(query_valid)
     grid = (b * hkv, p["row_blocks"], n)
-    _split_kernel[grid](
+    _attention_splitkv_kernel[grid](
         q, k, v, kvb if kvb is not None else q, qvb if qvb is not None else q, out, opart, mpart, lpart,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         kvb.stride(0) if kvb is not None else 0, qvb.stride(0) if qvb is not None else 0,
@@ -151,7 +151,7 @@ def attention(q, k, v, key_valid, query_valid, scale: float, **tiles):
         HAS_KV=kvb is not None, HAS_QV=qvb is not None, ONE_SPLIT=one,
         BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_D=p["BLOCK_D"], num_warps=p["num_warps"], num_stages=2)
     if not one:
-        _merge_kernel[(b * hkv, p["row_blocks"])](
+        _attention_merge_kernel[(b * hkv, p["row_blocks"])](
             out, opart, mpart, lpart, *out.stride(), lq, g, hkv, n, d,
             BLOCK_M=p["BLOCK_M"], BLOCK_D=p["BLOCK_D"], num_warps=4)
     return out
