@@ -134,6 +134,31 @@ def _fakes(values: list, fake_mode) -> Optional[list]:
     return out
 
 
+def _carry_dynamo_metadata(split: fx.GraphModule, gm: fx.GraphModule) -> int:
+    """Give each submodule what AOTAutograd reads from a Dynamo graph (its compile id, every
+    placeholder's source, the static-input marks), so weights, packs and hoisted values stay
+    static inputs of every run: a CUDA-graph replay then reads them where they live instead of
+    copying them into the graph's pool. Returns how many submodules could not get it."""
+    originals = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    sources = getattr(gm, "_param_name_to_source", None)
+    missing = 0
+    for call in (n for n in split.graph.nodes if n.op == "call_module"):
+        sub = getattr(split, call.target)
+        names = [k for k, _ in sub.named_parameters(remove_duplicate=False)] + \
+                [k for k, _ in sub.named_buffers(remove_duplicate=False)]
+        if "dynamo_compile_id" not in gm.meta or sources is None or any(k not in sources for k in names):
+            missing += 1
+            continue
+        sub.meta["dynamo_compile_id"] = gm.meta["dynamo_compile_id"]
+        sub._param_name_to_source = {k: sources[k] for k in names}
+        for ph, outer in zip((n for n in sub.graph.nodes if n.op == "placeholder"), call.args):
+            orig = originals.get(outer.name) if isinstance(outer, fx.Node) and outer.op == "placeholder" else None
+            ph._dynamo_source = getattr(orig, "_dynamo_source", None)
+            if orig is not None and "tensor_dict" in orig.meta:
+                ph.meta["tensor_dict"] = dict(orig.meta["tensor_dict"])
+    return missing
+
+
 class _Compiled(torch.nn.Module):
     """A lowered run standing in for its submodule in the split graph."""
 
@@ -157,6 +182,10 @@ def lower_by_region(gm: fx.GraphModule, example_inputs: list, fake_mode, lower: 
         return None, None
     part, names = _partition(gm)
     split = split_module(gm, None, lambda n: part[n], keep_original_order=True)
+    missing = _carry_dynamo_metadata(split, gm)
+    if missing:
+        log.info("quantvla: compile_regions: %d runs carry no Dynamo metadata; their inputs are not static "
+                 "for CUDA graphs", missing)
     plan = RegionPlan()
     by_key: dict[str, Callable] = {}
     single: dict[str, bool] = {}

@@ -97,3 +97,32 @@ def test_golden_tiny_pi05_with_regions_matches_openpi(tmp_path):
     assert len(expert) == 20  # 10 steps x 2 layers
     assert sum("reuses" in line for line in expert) >= 16  # steps 2..10 reuse the lowerings of step 1
     assert len(report_book(str(tmp_path)).graphs[-1].quantized) == 66  # the rewrite is the one without regions
+
+
+def test_graph_inputs_stay_static_inputs_of_every_run(monkeypatch):
+    # CUDA graphs copy every non-static input into their pool on each replay: the weights, packs
+    # and hoisted values of a run must stay static (as they are for the whole graph), and the
+    # activations coming from the run before must not be.
+    import quantvla_fx.backend as backend
+
+    seen = []
+    real = backend.compile_fx
+
+    def recording(g, args, **kw):
+        out = real(g, args, **kw)
+        names = [n.name for n in g.graph.nodes if n.op == "placeholder"]
+        static = set(torch._guards.TracingContext.get().fw_metadata.static_input_indices)
+        seen.append({name: i in static for i, name in enumerate(names)})
+        return out
+
+    monkeypatch.setattr(backend, "compile_fx", recording)
+    # A cache hit skips AOTAutograd's analysis (no fw_metadata to read): compile for real.
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    compiled_toy(True)
+    layer_runs = [r for r in seen if any("qv_" in n or "weight" in n for n in r)]
+    assert layer_runs
+    for run in layer_runs:
+        weights = {n: s for n, s in run.items() if "weight" in n or n.startswith("qv_")}
+        assert weights and all(weights.values()), run
+        assert not all(run.values()), run  # the hidden state from the run before is not static
