@@ -3,6 +3,7 @@
     python benchmarks/compile_stages_cpu.py                       # golden-size tiny Pi0.5, eager lowering
     python benchmarks/compile_stages_cpu.py --depth 8 --lowering inductor
     python benchmarks/compile_stages_cpu.py --depths 2,4,8        # scaling of each stage with depth
+    python benchmarks/compile_stages_cpu.py --depths 2,4 --lowering inductor --regions   # each layer lowered once
 
 A random-weight tiny Pi0.5 (the golden test's widths) whose LM, expert and vision stacks all get
 ``--depth`` layers, compiled with ``backend="quantvla"`` and every pass on (``--select all``: every
@@ -23,7 +24,7 @@ import tempfile
 import time
 
 
-def measure(depth: int, select: str, lowering: str, duquant: bool, steps: int) -> dict:
+def measure(depth: int, select: str, lowering: str, duquant: bool, steps: int, regions: bool = False) -> dict:
     import torch
 
     import quantvla_fx.backend as backend
@@ -37,7 +38,7 @@ def measure(depth: int, select: str, lowering: str, duquant: bool, steps: int) -
     obs = random_observation(cfg, 1, "cpu")
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(1))
     make = QuantVLAConfig.all_linears if select == "all" else QuantVLAConfig.pi05_mlp
-    qcfg = make(lowering=lowering)
+    qcfg = make(lowering=lowering, compile_regions=regions)
     if duquant:
         packs = calibrate(model, [(obs,)], qcfg, block_size=32, progress=False, search=False,
                           run=lambda m, b: m.sample_actions(*b, noise=noise))
@@ -73,7 +74,8 @@ def measure(depth: int, select: str, lowering: str, duquant: bool, steps: int) -
     backend.compile_fx = original_compile_fx
     report = backend.report_book(None).graphs[-1]
     rewrite = report.timings_s
-    return {"depth": depth, "select": select, "lowering": lowering, "duquant": duquant, "steps": steps,
+    return {"depth": depth, "select": select, "lowering": lowering, "compile_regions": regions, "duquant": duquant,
+            "steps": steps,
             "first_call_s": round(first, 2),
             "dynamo_s": round(first - spent["backend"] - run, 2),
             "rewrite_s": round(sum(v for k, v in rewrite.items() if not k.startswith("packing")), 2),
@@ -96,15 +98,17 @@ def main():
     ap.add_argument("--lowering", choices=("eager", "inductor"), default="eager")
     ap.add_argument("--duquant", action="store_true", help="calibrate DuQuant packs first (folds run)")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--regions", action="store_true", help="compile_regions=True: each distinct layer lowered once")
     args = ap.parse_args()
     if args.depths:
         for d in args.depths.split(","):
             cmd = [sys.executable, __file__, "--depth", d, "--select", args.select, "--lowering", args.lowering,
-                   "--steps", str(args.steps)] + (["--duquant"] if args.duquant else [])
+                   "--steps", str(args.steps)] + (["--duquant"] if args.duquant else []) + \
+                (["--regions"] if args.regions else [])
             subprocess.run(cmd, check=True)
         return
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="quantvla_cold_"))
-    print(json.dumps(measure(args.depth, args.select, args.lowering, args.duquant, args.steps)), flush=True)
+    print(json.dumps(measure(args.depth, args.select, args.lowering, args.duquant, args.steps, args.regions)), flush=True)
 
 
 if __name__ == "__main__":

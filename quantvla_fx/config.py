@@ -88,8 +88,9 @@ class QuantVLAConfig:
         inductor_options: ``torch._inductor.config`` settings for this compile (checked by name).
         compile_regions: lower each distinct repeated layer once (regions.py): the rewritten
             graph is cut at the boundaries of ``...layers.<i>`` modules and runs with the same
-            structure and input shapes share one Inductor lowering (Pi0.5: 10 steps x 18 expert
-            layers -> 1). Shorter cold compiles; no fusion across a cut. Default False.
+            structure and input shapes share one Inductor lowering (golden tiny Pi0.5: its 20
+            expert-layer runs, 10 steps x 2 layers, share 2). Shorter cold compiles; no fusion
+            across a cut; with CUDA graphs not yet measured on a GPU. Default False.
         cudagraphs: run the compiled graph through CUDA graphs (what ``mode="reduce-overhead"``
             gives; ``mode`` cannot be combined with ``options``).
         float_weights: what happens to a quantized linear's float weight once its packs exist

@@ -11,7 +11,8 @@ compiled function. The glue between layers (embeddings, the denoise update, ...)
 runs of its own.
 
 What it costs: no fusion across a cut (a layer's output is written once to memory), and one
-Python call per run at run time. With CUDA graphs every run is a node of the same CUDA-graph tree.
+Python call per run at run time. With CUDA graphs each run is recorded as a graph of its own in
+Inductor's CUDA-graph tree (not yet measured on a GPU).
 The caller lowers the graph whole (logged) when an input has a symbolic shape.
 """
 from __future__ import annotations
@@ -106,8 +107,10 @@ def _structure_key(sub: fx.GraphModule, example_args: list) -> str:
         index[node] = i
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", None) or str(node.target)
         module = getattr(node.target, "__module__", "") if not isinstance(node.target, str) else ""
-        if node.op in ("placeholder", "output"):
-            target = ""  # a placeholder's name is the outer node's; only its position counts
+        if node.op == "placeholder":  # its name is the outer node's: only position and static mark count
+            target = str(node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"))
+        elif node.op == "output":
+            target = ""
         elif node.op == "get_attr":
             target = f"{node.target}@{id(getattr(sub, node.target, None))}"  # constants are per piece
         parts.append(f"{node.op} {module}.{target} {ref(node.args)} {ref(node.kwargs)}")
