@@ -126,3 +126,24 @@ def test_graph_inputs_stay_static_inputs_of_every_run(monkeypatch):
         weights = {n: s for n, s in run.items() if "weight" in n or n.startswith("qv_")}
         assert weights and all(weights.values()), run
         assert not all(run.values()), run  # the hidden state from the run before is not static
+
+
+def test_a_model_without_layer_stacks_is_one_run():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)).eval()
+    x = torch.randn(4, 64)
+    captured = {}
+
+    def backend(gm, example_inputs):
+        from quantvla_fx.backend import quantvla_backend
+
+        captured["fn"] = quantvla_backend(gm, example_inputs, {"include": [".*"], "compile_regions": True})
+        return captured["fn"]
+
+    with torch.no_grad():
+        got = torch.compile(mlp, backend=backend)(x)
+        want = torch.compile(mlp, backend="quantvla", options={"include": [".*"]})(x)
+    plan = captured["fn"].quantvla_regions
+    assert [r for _, r, _ in plan.runs] == ["glue"] and len(plan.lowered) == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
