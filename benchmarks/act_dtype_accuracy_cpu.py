@@ -20,7 +20,6 @@ every linear, and each MLP linear's output SQNR on its own inputs. Writes a JSON
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -33,7 +32,7 @@ from torchao.quantization.utils import compute_error
 from quantvla_fx import QuantVLAConfig, calibrate
 from quantvla_fx.models.pi05 import Observation, Pi05, Pi05Config
 from quantvla_fx.models.pi05.initialization import init_weights
-from quantvla_fx.models.pi05.observation import random_observation
+from quantvla_fx.models.pi05.observation import jittered, random_observation
 from quantvla_fx.quant.activations import dequantize_per_token, quantize_per_token
 from quantvla_fx.quant.weights import dequantize_weight, quantize_weight_int4
 
@@ -102,12 +101,6 @@ def inputs_of(policy, obs, noise, fqns) -> dict:
     return {f: torch.cat(r).float() for f, r in rows.items()}
 
 
-def jitter(obs, seed):
-    g = torch.Generator().manual_seed(seed)
-    return dataclasses.replace(obs, images={k: (v + 0.1 * torch.randn(v.shape, generator=g)).clamp(-1, 1)
-                                            for k, v in obs.images.items()})
-
-
 def load(fullsize: bool):
     if not fullsize:
         golden = ROOT / "tests" / "data" / "pi05_tiny"
@@ -137,7 +130,7 @@ def main():
     packs = {"rtn": None}
     if args.duquant:
         run = lambda m, b: m.sample_actions(*b, noise=noise)  # noqa: E731
-        batches = [(jitter(obs, s),) for s in range(4)]
+        batches = [(jittered(obs, s),) for s in range(4)]
         packs["duquant"] = calibrate(policy, batches, mlp, run=run, block_size=block, search=False, progress=False)
     result = {"model": model, "torch": torch.__version__, "action_sqnr_db": {}, "per_linear_output_sqnr_db": []}
     for pname, p in packs.items():

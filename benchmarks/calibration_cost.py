@@ -14,7 +14,6 @@ test and the README do (4 jittered observations, block 32, search + GPTQ); print
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import torch
 from quantvla_fx import QuantVLAConfig, calibrate
 from quantvla_fx.models.pi05 import Pi05, Pi05Config
 from quantvla_fx.models.pi05.initialization import init_weights
-from quantvla_fx.models.pi05.observation import random_observation
+from quantvla_fx.models.pi05.observation import jittered, random_observation
 
 
 def main():
@@ -47,14 +46,8 @@ def main():
     policy = Pi05(cfg)
     init_weights(policy)
     policy = policy.eval().to(dev)
-    obs = random_observation(cfg, 1, dev)
-
-    def jitter(seed):  # random_observation is seeded once; other batches move the images a little
-        g = torch.Generator().manual_seed(seed)
-        return dataclasses.replace(obs, images={k: (v + 0.1 * torch.randn(v.shape, generator=g).to(dev)).clamp(-1, 1)
-                                                for k, v in obs.images.items()})
-
-    batches = [(jitter(s),) for s in range(args.batches)]
+    obs = random_observation(cfg, 1, dev)  # seeded once: the other batches move its images a little
+    batches = [(jittered(obs, s),) for s in range(args.batches)]
     noise = torch.randn(1, cfg.action_horizon, cfg.action_dim, generator=torch.Generator().manual_seed(0)).to(dev)
     run = lambda m, b: m.sample_actions(*b, noise=noise)  # noqa: E731
     qcfg = QuantVLAConfig.all_linears() if args.select == "all" else QuantVLAConfig.pi05_mlp()
@@ -112,14 +105,8 @@ def golden(args):
     policy = Pi05.from_pretrained(root).eval()
     obs = Observation.from_safetensors(root / "inputs.safetensors")
     noise = load_file(str(root / "inputs.safetensors"))["noise"]
-
-    def jitter(seed):
-        g = torch.Generator().manual_seed(seed)
-        return dataclasses.replace(obs, images={k: (v + 0.1 * torch.randn(v.shape, generator=g)).clamp(-1, 1)
-                                                for k, v in obs.images.items()})
-
     t0 = time.perf_counter()
-    packs = calibrate(policy, [(jitter(s),) for s in range(4)], QuantVLAConfig.pi05_mlp(), block_size=32,
+    packs = calibrate(policy, [(jittered(obs, s),) for s in range(4)], QuantVLAConfig.pi05_mlp(), block_size=32,
                       run=lambda m, b: m.sample_actions(*b, noise=noise), weight_rounding=args.rounding, progress=False)
     print(f"golden tiny Pi0.5: {len(packs)} linears in {len(packs.groups)} groups calibrated (search, "
           f"{args.rounding}) in {time.perf_counter() - t0:.1f} s on {torch.get_num_threads()} CPU threads")

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -27,18 +26,13 @@ from safetensors.torch import load_file
 from quantvla_fx import QuantVLAConfig, calibrate
 from quantvla_fx.backend import report_book
 from quantvla_fx.models.pi05 import Observation, Pi05
+from quantvla_fx.models.pi05.observation import jittered
 from quantvla_fx.quant.activations import dequantize_per_token, quantize_per_token
 from quantvla_fx.quant.weights import dequantize_weight, quantize_weight_int4
 from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, dequantize_affine, quantize_affine
 from torchao.quantization.utils import compute_error
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "data" / "pi05_tiny"
-
-
-def jitter(obs: Observation, seed: int) -> Observation:
-    g = torch.Generator().manual_seed(seed)
-    images = {k: (v + 0.1 * torch.randn(v.shape, generator=g)).clamp(-1, 1) for k, v in obs.images.items()}
-    return dataclasses.replace(obs, images=images)
 
 
 def fake_sym(w: torch.Tensor, group: int) -> torch.Tensor:
@@ -127,7 +121,7 @@ def main():
     mlp = QuantVLAConfig.pi05_mlp(lowering=args.lowering)
     every = QuantVLAConfig.all_linears(lowering=args.lowering)
     t0 = time.time()
-    batches = [(jitter(obs, s),) for s in range(4)]
+    batches = [(jittered(obs, s),) for s in range(4)]
     run = lambda m, b: m.sample_actions(*b, noise=noise)  # noqa: E731
     packs = {"rtn": None,
              "duquant": calibrate(policy, batches, mlp, run=run, block_size=32, progress=False, search=False),

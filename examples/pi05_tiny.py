@@ -9,7 +9,6 @@ expert, int4 weights / int8 activations, reference kernels on the CPU), and prin
 SQNR against the float model, how many linears were quantized, and where the dumps are.
 """
 import argparse
-import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -20,18 +19,12 @@ from safetensors.torch import load_file
 from quantvla_fx import QuantVLAConfig, calibrate
 from quantvla_fx.backend import report_book
 from quantvla_fx.models.pi05 import Observation, Pi05
+from quantvla_fx.models.pi05.observation import jittered
 # torchao after quantvla_fx: the package quiets torchao's import noise on CPU-only machines
 from torchao.quantization.utils import compute_error
 
 # openpi's real tiny Pi0.5 checkpoint, inputs and actions, shipped with the repository.
 DEFAULT_GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "data" / "pi05_tiny"
-
-
-def jitter(obs: Observation, seed: int) -> Observation:
-    """Another plausible observation for calibration: the same prompt, perturbed images."""
-    g = torch.Generator().manual_seed(seed)
-    images = {k: (v + 0.1 * torch.randn(v.shape, generator=g)).clamp(-1, 1) for k, v in obs.images.items()}
-    return dataclasses.replace(obs, images=images)
 
 
 def main():
@@ -52,7 +45,7 @@ def main():
     cfg = QuantVLAConfig.pi05_mlp(dump_dir=args.dump_dir)
     packs = None
     if not args.no_duquant:
-        batches = [(jitter(obs, s),) for s in range(4)]
+        batches = [(jittered(obs, s),) for s in range(4)]
         # The tiny widths (32, 64, 128) take block 32 rotations too (full size: 64 and 128).
         packs = calibrate(policy, batches, cfg, run=lambda m, b: m.sample_actions(*b, noise=noise),
                           block_size=32, search=True, weight_rounding=args.rounding)

@@ -223,27 +223,22 @@ def test_bad_arguments_name_the_problem():
 @SLOW
 def test_golden_tiny_pi05_search_with_gptq_beats_rtn_by_3db():
     # The bar: calibration on jittered observations, evaluated on another jitter.
-    import dataclasses
     from pathlib import Path
 
     from safetensors.torch import load_file
 
     from quantvla_fx.models.pi05 import Observation, Pi05
+    from quantvla_fx.models.pi05.observation import jittered
 
     golden = Path(__file__).parent / "data" / "pi05_tiny"
     policy = Pi05.from_pretrained(golden).eval()
     obs = Observation.from_safetensors(golden / "inputs.safetensors")
     noise = load_file(str(golden / "inputs.safetensors"))["noise"]
 
-    def jitter(seed):
-        g = torch.Generator().manual_seed(seed)
-        return dataclasses.replace(obs, images={k: (v + 0.1 * torch.randn(v.shape, generator=g)).clamp(-1, 1)
-                                                for k, v in obs.images.items()})
-
     cfg = QuantVLAConfig.pi05_mlp()
-    packs = calibrate(policy, [(jitter(s),) for s in range(4)], cfg, run=lambda m, b: m.sample_actions(*b, noise=noise),
+    packs = calibrate(policy, [(jittered(obs, s),) for s in range(4)], cfg, run=lambda m, b: m.sample_actions(*b, noise=noise),
                       block_size=32, search=True, weight_rounding="gptq", progress=False)
-    held_out = jitter(1000)
+    held_out = jittered(obs, 1000)
 
     def sqnr(c):
         torch._dynamo.reset()

@@ -144,3 +144,18 @@ def test_from_dict_converts_uint8_like_openpi():
     assert obs.images["base_0_rgb"][0, :, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 51 / 255 * 2 - 1])
     with pytest.raises(KeyError, match="tokenized_prompt"):
         Observation.from_dict({"image": {}})
+
+
+def test_jittered_moves_only_the_images_reproducibly():
+    import torch
+
+    from quantvla_fx.models.pi05 import Pi05Config
+    from quantvla_fx.models.pi05.observation import jittered, random_observation
+
+    obs = random_observation(Pi05Config.tiny(), 1, "cpu")
+    a, b, c = jittered(obs, 3), jittered(obs, 3), jittered(obs, 4)
+    for k, v in obs.images.items():
+        assert torch.equal(a.images[k], b.images[k]) and not torch.equal(a.images[k], c.images[k])
+        assert not torch.equal(a.images[k], v) and a.images[k].abs().max() <= 1.0
+        assert (a.images[k] - v).abs().max() <= 0.1 * 6  # amount x a few sigma
+    assert a.tokenized_prompt is obs.tokenized_prompt and a.image_masks is obs.image_masks

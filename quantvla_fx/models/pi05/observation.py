@@ -139,3 +139,12 @@ def random_observation(cfg, batch: int, device, valid_tokens: int = 48) -> "Obse
     tmask = torch.zeros(batch, cfg.max_token_len, dtype=torch.bool, device=device)
     tmask[:, :valid_tokens] = True
     return Observation(images, masks, torch.zeros(batch, 32, device=device), tokens, tmask)
+
+
+def jittered(obs: "Observation", seed: int, amount: float = 0.1) -> "Observation":
+    """Another plausible observation for calibration: the same prompt, the images moved by
+    ``amount`` x N(0, 1) noise (seeded, drawn on the CPU) and clamped to [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    images = {k: (v + amount * torch.randn(v.shape, generator=g).to(v.device)).clamp(-1, 1)
+              for k, v in obs.images.items()}
+    return replace(obs, images=images)
