@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--rounding", choices=("rtn", "gptq"), default="gptq")
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/<device>/calibration_cost.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/<cpu|gpu name>/calibration_cost.json")
     ap.add_argument("--golden", action="store_true", help="time the golden tiny Pi0.5's calibration instead")
     args = ap.parse_args()
     if args.golden:
@@ -88,7 +88,8 @@ def main():
         result["full_depth_groups"] = full_groups
         result["full_depth_search_work_s_estimate"] = round(search_s / groups * full_groups, 0)
     print(json.dumps(result, indent=1))
-    out = args.out or f"benchmarks/results/{'cpu' if dev.type == 'cpu' else 'gpu'}/calibration_cost.json"
+    where = "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(dev).split()[-1].lower()  # e.g. h200
+    out = args.out or f"benchmarks/results/{where}/calibration_cost.json"
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
