@@ -117,8 +117,7 @@ def test_graph_inputs_stay_static_inputs_of_every_run(monkeypatch):
 
     monkeypatch.setattr(backend, "compile_fx", recording)
     # A cache hit skips AOTAutograd's analysis (no fw_metadata to read): compile for real.
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     compiled_toy(True)
     layer_runs = [r for r in seen if any("qv_" in n or "weight" in n for n in r)]
     assert layer_runs
