@@ -116,9 +116,10 @@ def test_graph_inputs_stay_static_inputs_of_every_run(monkeypatch):
         return out
 
     monkeypatch.setattr(backend, "compile_fx", recording)
-    # A cache hit skips AOTAutograd's analysis (no fw_metadata to read): compile for real.
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
-    compiled_toy(True)
+    # A cache hit skips AOTAutograd's analysis (no fw_metadata to read): compile for real. (Not
+    # monkeypatch: pytest >= 9.2 undoes it with delattr, which hides the option for good.)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled_toy(True)
     layer_runs = [r for r in seen if any("qv_" in n or "weight" in n for n in r)]
     assert layer_runs
     for run in layer_runs:
