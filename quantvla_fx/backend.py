@@ -158,6 +158,11 @@ def _regions(gm, example_inputs, ctx, patches):
     if plan is None:
         return None
     GraphDumper(ctx.config.dump_dir, ctx.graph_id).write("regions.md", plan.table())
+    ctx.report.notes.append(f"compile_regions: {len(plan.runs)} runs, {len(plan.lowered)} distinct lowerings "
+                            f"({sum(plan.lowered.values()):.1f} s); each run and the lowering it reuses: "
+                            f"graph_{ctx.graph_id:03d}/regions.md")
+    if ctx.config.dump_dir:
+        report_book(ctx.config.dump_dir).write()  # written once before the lowering; now with this note
     return compiled, plan
 
 

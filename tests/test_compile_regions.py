@@ -97,6 +97,8 @@ def test_golden_tiny_pi05_with_regions_matches_openpi(tmp_path):
     assert len(expert) == 20  # 10 steps x 2 layers
     assert sum("reuses" in line for line in expert) >= 16  # steps 2..10 reuse the lowerings of step 1
     assert len(report_book(str(tmp_path)).graphs[-1].quantized) == 66  # the rewrite is the one without regions
+    report = (tmp_path / "report.md").read_text()
+    assert f"compile_regions: {len(runs)} runs" in report and page.parent.name in report
 
 
 def test_graph_inputs_stay_static_inputs_of_every_run(monkeypatch):
