@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -35,6 +36,9 @@ from quantvla_fx.models.pi05.initialization import init_weights
 from quantvla_fx.models.pi05.observation import jittered, random_observation
 from quantvla_fx.quant.activations import dequantize_per_token, quantize_per_token
 from quantvla_fx.quant.weights import dequantize_weight, quantize_weight_int4
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from w4a16_accuracy_cpu import mlp_inputs  # noqa: E402  (each linear's inputs over the float run)
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -87,20 +91,6 @@ def actions(policy, obs, noise, fqns=(), act=None, packs=None):
             h.remove()
 
 
-def inputs_of(policy, obs, noise, fqns) -> dict:
-    rows = {f: [] for f in fqns}
-    mods = dict(policy.named_modules())
-    hooks = [mods[f].register_forward_pre_hook(lambda m, a, f=f: rows[f].append(a[0].detach().reshape(-1, a[0].shape[-1])))
-             for f in fqns]
-    try:
-        with torch.no_grad():
-            policy.sample_actions(obs, noise=noise)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {f: torch.cat(r).float() for f, r in rows.items()}
-
-
 def load(fullsize: bool):
     if not fullsize:
         golden = ROOT / "tests" / "data" / "pi05_tiny"
@@ -142,7 +132,8 @@ def main():
                 result["action_sqnr_db"][f"{sname}_{pname}_{act}"] = db
                 print(f"{sname:3} {pname:7} {act:4}: actions {db:6.2f} dB", flush=True)
     mods = dict(policy.named_modules())
-    for f, x in inputs_of(policy, obs, noise, sel["mlp"]).items():
+    for f, x in mlp_inputs(policy, obs, noise, sel["mlp"]).items():
+        x = x.float()
         w = mods[f].weight.detach().float()
         y = x @ w.t()
         wq = dequantize_weight(*quantize_weight_int4(w))
